@@ -1,0 +1,5 @@
+import sys
+
+from checker.cli.main import main
+
+sys.exit(main())

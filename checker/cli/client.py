@@ -1,0 +1,103 @@
+"""HTTP client of the caller API, used by the CLI, the demo and the tests."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+DEFAULT_SERVER_URL = "http://127.0.0.1:8181"
+
+
+class APIError(Exception):
+    """The server rejected a request or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def server_url_from_environment() -> str:
+    return os.environ.get("CHECKER_SERVER_URL", DEFAULT_SERVER_URL)
+
+
+class CallerClient:
+    """Thin wrapper of the /v1 caller API that raises APIError with the server's message."""
+
+    def __init__(self, base_url: str, api_token: str | None = None, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "CallerClient":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, *, expected: tuple[int, ...] = (200, 201, 202, 204), timeout: float | None = None, **kwargs: Any) -> httpx.Response:
+        try:
+            extra = {"timeout": timeout} if timeout is not None else {}
+            response = self._http.request(method, path, **kwargs, **extra)
+        except httpx.TransportError as error:
+            raise APIError(f"cannot reach the Checker server at {self.base_url}: {error}; start it with 'checker server'") from error
+        if response.status_code not in expected:
+            try:
+                body = response.json()
+                detail, code = body.get("detail", response.text), body.get("error")
+            except ValueError:
+                detail, code = response.text, None
+            raise APIError(f"{method} {path} failed with {response.status_code}: {detail}", response.status_code, code)
+        return response
+
+    def is_up(self) -> bool:
+        try:
+            return self._http.get("/v1/health", timeout=2.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def health(self) -> dict:
+        return self.request("GET", "/v1/health").json()
+
+    def create_definition(self, name: str, command: list[str], env: dict[str, str] | None = None, metadata: dict | None = None) -> dict:
+        body = {"name": name, "runtime": {"type": "process", "command": command, "env": env or {}}, "metadata": metadata or {}}
+        return self.request("POST", "/v1/job-definitions", json=body).json()
+
+    def spawn(self, definition: str, params: dict | None = None, env: dict | None = None, version: int | None = None, idempotency_key: str | None = None, metadata: dict | None = None) -> dict:
+        body: dict[str, Any] = {"definition": definition, "params": params or {}, "env": env or {}, "metadata": metadata or {}}
+        if version is not None:
+            body["version"] = version
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        return self.request("POST", "/v1/jobs", json=body).json()
+
+    def get_job(self, job_id: str) -> dict:
+        return self.request("GET", f"/v1/jobs/{job_id}").json()
+
+    def list_jobs(self, states: list[str] | None = None, limit: int = 100, cursor: str | None = None) -> dict:
+        params: dict[str, Any] = {"limit": limit}
+        if states:
+            params["state"] = states
+        if cursor:
+            params["cursor"] = cursor
+        return self.request("GET", "/v1/jobs", params=params).json()
+
+    def kill(self, job_id: str) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/kill").json()
+
+    def result(self, job_id: str, wait: float = 0) -> dict:
+        return self.request("GET", f"/v1/jobs/{job_id}/result", params={"wait": wait}, timeout=wait + 30).json()
+
+    def logs(self, job_id: str, stream: str = "stdout", offset: int = 0, limit: int = 65536) -> dict:
+        return self.request("GET", f"/v1/jobs/{job_id}/logs", params={"stream": stream, "offset": offset, "limit": limit}).json()
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        return self.request("GET", f"/v1/jobs/{job_id}/checkpoints").json()["items"]
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        return self.request("GET", f"/v1/jobs/{job_id}/events", params={"after": after}).json()["items"]

@@ -1,0 +1,318 @@
+"""The `checker` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from checker.cli.client import APIError, CallerClient, server_url_from_environment
+from checker.config import DEFAULT_PORT, Settings, default_state_dir
+
+TERMINAL_STATES = ("completed", "failed")
+PROGRESS_EVENTS = ("started", "checkpoint", "checkpoint_failed", "crashed", "restored", "restore_failed", "checkpoint_corrupt", "adopted")
+
+
+class CLIError(Exception):
+    """An error to print as one line, with exit code 1."""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def parse_assignments(pairs: list[str], option: str) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name:
+            raise CLIError(f"{option} {pair!r} is invalid; write NAME=VALUE")
+        values[name] = value
+    return values
+
+
+def parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_json:
+        try:
+            params = json.loads(params_json)
+        except ValueError as error:
+            raise CLIError(f"--params-json is not valid JSON: {error}") from error
+        if not isinstance(params, dict):
+            raise CLIError("--params-json must be a JSON object, e.g. '{\"size\": 3}'")
+    for name, raw in parse_assignments(pairs, "--param").items():
+        try:
+            params[name] = json.loads(raw)
+        except ValueError:
+            params[name] = raw
+    return params
+
+
+def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Settings:
+    return Settings(
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+        host=getattr(args, "host", "127.0.0.1"),
+        port=port if port is not None else getattr(args, "port", DEFAULT_PORT),
+        database_url=getattr(args, "database_url", None),
+        criu_path=args.criu,
+        api_token=getattr(args, "api_token", None) or os.environ.get("CHECKER_API_TOKEN") or None,
+        keep_checkpoints=getattr(args, "keep_checkpoints", 3),
+    )
+
+
+# checker server
+
+
+def command_server(args: argparse.Namespace) -> int:
+    from checker.server.serve import run_server
+
+    settings = settings_from_args(args)
+    try:
+        settings.validate()
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    run_server(settings)
+    return 0
+
+
+# checker run
+
+
+class EmbeddedServer:
+    """A server in a background thread of this process, for `checker run` without a server."""
+
+    def __init__(self, settings: Settings) -> None:
+        from checker.server.serve import Server
+
+        self.server = Server(settings)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), name="embedded-server", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise CLIError("the embedded server did not start; run 'checker server' in another terminal to see why")
+            time.sleep(0.02)
+        return self.server.api_url
+
+    def stop(self) -> None:
+        self.server.request_stop()
+        self._thread.join(timeout=30)
+
+
+def definition_name_for(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).strip("-.") or "job"
+    return name[:128]
+
+
+def command_run(args: argparse.Namespace) -> int:
+    path = Path(args.file).resolve()
+    if not path.is_file():
+        raise CLIError(f"job file {args.file} not found; give the path of a Python script")
+    params = parse_params(args.param, args.params_json)
+    env = parse_assignments(args.env, "--env")
+
+    embedded = None
+    server_url = args.server or server_url_from_environment()
+    client = CallerClient(server_url, os.environ.get("CHECKER_API_TOKEN"))
+    if not client.is_up():
+        if args.server:
+            raise CLIError(f"no Checker server answers at {args.server}; start one with 'checker server'")
+        settings = settings_from_args(args, port=int(server_url.rsplit(":", 1)[-1].split("/")[0]) if ":" in server_url.split("//", 1)[-1] else DEFAULT_PORT)
+        print(f"checker: no server at {server_url}; starting an embedded one (state in {settings.state_dir})", file=sys.stderr)
+        embedded = EmbeddedServer(settings)
+        client.close()
+        client = CallerClient(embedded.start())
+
+    try:
+        definition = client.create_definition(args.name or definition_name_for(path), [sys.executable, str(path)])
+        job = client.spawn(definition["name"], params=params, env=env, version=definition["version"])
+        print(f"checker: job {job['id']} started from {path.name} (definition {definition['name']} version {definition['version']})", file=sys.stderr)
+        try:
+            final = follow_job(client, job["id"], quiet=args.quiet)
+        except KeyboardInterrupt:
+            print(f"\nchecker: stopped following job {job['id']}; it keeps running. 'checker server' supervises it again.", file=sys.stderr)
+            return 130
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+
+    print(json.dumps({"job": final["id"], "state": final["state"], "output": final["output"], "error": final["error"]}, indent=2))
+    return 0 if final["state"] == "completed" else 1
+
+
+def follow_job(client: CallerClient, job_id: str, quiet: bool = False, poll_seconds: float = 0.2) -> dict:
+    """Print the job's output and progress events until it finishes; return the final job."""
+    offsets = {"stdout": 0, "stderr": 0}
+    last_event = 0
+    while True:
+        job = client.get_job(job_id)
+        for stream, target in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+            while True:
+                chunk = client.logs(job_id, stream, offsets[stream])
+                if not chunk["data"]:
+                    break
+                target.write(chunk["data"])
+                target.flush()
+                offsets[stream] = chunk["next_offset"]
+
+        for event in client.events(job_id, after=last_event):
+            last_event = event["seq"]
+            if not quiet and event["kind"] in PROGRESS_EVENTS:
+                print(f"checker: {event['message']}", file=sys.stderr)
+
+        if job["state"] in TERMINAL_STATES:
+            return job
+        time.sleep(poll_seconds)
+
+
+# checker jobs / logs
+
+
+def connect(args: argparse.Namespace) -> CallerClient:
+    client = CallerClient(args.server or server_url_from_environment(), os.environ.get("CHECKER_API_TOKEN"))
+    return client
+
+
+def command_jobs_list(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        page = client.list_jobs(states=args.state, limit=args.limit)
+    print(f"{'ID':<18} {'STATE':<10} {'DEFINITION':<24} {'CKPTS':>5} {'RESTORES':>8}  CREATED")
+    for job in page["items"]:
+        definition = f"{job['definition']}@{job['version']}"
+        print(f"{job['id']:<18} {job['state']:<10} {definition:<24} {job['checkpoint_count']:>5} {job['restore_count']:>8}  {job['created_at']}")
+    if page["next_cursor"]:
+        print(f"(more jobs; raise --limit to see them)")
+    return 0
+
+
+def command_jobs_show(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.get_job(args.job)
+        checkpoints = client.checkpoints(args.job)
+        events = client.events(args.job)
+    print(json.dumps(job, indent=2))
+    print("\ncheckpoints:")
+    for checkpoint in checkpoints:
+        print(f"  {checkpoint['number']:>4}  {checkpoint['status']:<8} {checkpoint['size_bytes'] / 1e6:9.1f} MB  dump {checkpoint['dump_seconds']:.3f} s  total {checkpoint['total_seconds']:.3f} s  {checkpoint['created_at']}")
+    print("\nevents:")
+    for event in events:
+        print(f"  {event['created_at']}  {event['kind']:<18} {event['message']}")
+    return 0
+
+
+def command_jobs_kill(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.kill(args.job)
+    print(f"job {job['id']} is {job['state']}: {job['error'] or ''}")
+    return 0
+
+
+def command_logs(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        offset = 0
+        while True:
+            chunk = client.logs(args.job, args.stream, offset)
+            if chunk["data"]:
+                sys.stdout.write(chunk["data"])
+                sys.stdout.flush()
+                offset = chunk["next_offset"]
+                continue
+            if not args.follow or chunk["finished"]:
+                return 0
+            time.sleep(0.3)
+
+
+def command_doctor(args: argparse.Namespace) -> int:
+    from checker.cli.doctor import run_doctor
+
+    return run_doctor(args.criu)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="checker", description="Durable execution by memory checkpointing with CRIU.")
+    parser.add_argument("--log-level", default=os.environ.get("CHECKER_LOG_LEVEL", "INFO"), help="Logging level of the server and CLI (default INFO).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_client_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--server", help="URL of a running server (default $CHECKER_SERVER_URL or http://127.0.0.1:8181).")
+
+    def add_server_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--state-dir", help="Directory of the state store, job files and checkpoints (default $CHECKER_STATE_DIR or ~/.local/state/checker).")
+        sub.add_argument("--criu", help="Path of the CRIU binary (default $CHECKER_CRIU, then /opt/checker/bin/criu, then PATH).")
+
+    server = commands.add_parser("server", help="Run the server (caller and runtime APIs).")
+    server.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port to listen on (default {DEFAULT_PORT}).")
+    server.add_argument("--database-url", help="SQLAlchemy URL of the state store (default SQLite in the state directory).")
+    server.add_argument("--api-token", help="Bearer token required on the caller API (default $CHECKER_API_TOKEN; required off loopback).")
+    server.add_argument("--keep-checkpoints", type=int, default=3, help="Most recent checkpoints kept per job (default 3).")
+    add_server_options(server)
+    server.set_defaults(handler=command_server)
+
+    run = commands.add_parser("run", help="Run a Python script as a job and print its result.")
+    run.add_argument("file", help="Python script to run.")
+    run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="Job parameter; VALUE is parsed as JSON when it can be.")
+    run.add_argument("--params-json", help="All job parameters as one JSON object.")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="Extra environment variable for the job.")
+    run.add_argument("--name", help="Job definition name (default: the file name without extension).")
+    run.add_argument("--quiet", action="store_true", help="Do not print checkpoint and restore events.")
+    add_client_options(run)
+    add_server_options(run)
+    run.set_defaults(handler=command_run)
+
+    jobs = commands.add_parser("jobs", help="List, show and kill jobs.")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs_list = jobs_commands.add_parser("list", help="List jobs, oldest first.")
+    jobs_list.add_argument("--state", action="append", choices=["pending", "running", "suspended", "completed", "failed"], help="Only jobs in this state; repeat for several.")
+    jobs_list.add_argument("--limit", type=int, default=100, help="Most jobs to list (default 100).")
+    add_client_options(jobs_list)
+    jobs_list.set_defaults(handler=command_jobs_list)
+    jobs_show = jobs_commands.add_parser("show", help="Show a job with its checkpoints and events.")
+    jobs_show.add_argument("job")
+    add_client_options(jobs_show)
+    jobs_show.set_defaults(handler=command_jobs_show)
+    jobs_kill = jobs_commands.add_parser("kill", help="Kill a job; it ends as failed.")
+    jobs_kill.add_argument("job")
+    add_client_options(jobs_kill)
+    jobs_kill.set_defaults(handler=command_jobs_kill)
+
+    logs = commands.add_parser("logs", help="Print a job's output.")
+    logs.add_argument("job")
+    logs.add_argument("--stream", choices=["stdout", "stderr"], default="stdout", help="Which output to print (default stdout).")
+    logs.add_argument("--follow", "-f", action="store_true", help="Keep printing new output until the job finishes.")
+    add_client_options(logs)
+    logs.set_defaults(handler=command_logs)
+
+    doctor = commands.add_parser("doctor", help="Check CRIU and the kernel, and run a dump/restore self-test.")
+    doctor.add_argument("--criu", help="Path of the CRIU binary to check.")
+    doctor.set_defaults(handler=command_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return args.handler(args)
+    except (CLIError, APIError) as error:
+        print(f"checker: error: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"checker: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Server settings, from command-line options and CHECKER_* environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 8181
+
+
+def default_state_dir() -> Path:
+    """$CHECKER_STATE_DIR, else $XDG_STATE_HOME/checker, else ~/.local/state/checker."""
+    configured = os.environ.get("CHECKER_STATE_DIR")
+    if configured:
+        return Path(configured)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "checker"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server needs to run."""
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    """Directory of the SQLite state store, job files and local checkpoints."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP APIs listen on; loopback unless an API token is set."""
+
+    port: int = DEFAULT_PORT
+    """TCP port of both APIs; 0 picks a free port."""
+
+    database_url: str | None = None
+    """SQLAlchemy URL of the state store; None means SQLite in `state_dir`."""
+
+    criu_path: str | None = None
+    """CRIU binary; None searches CHECKER_CRIU, the project prefix, then PATH."""
+
+    api_token: str | None = None
+    """Bearer token the caller API requires; None leaves it open to local callers."""
+
+    keep_checkpoints: int = 3
+    """Number of most recent valid checkpoints kept per job; older images are deleted."""
+
+    fsync_checkpoints: bool = True
+    """Flush each image to disk before its checkpoint is acknowledged."""
+
+    max_restores_without_progress: int = 3
+    """Crashes tolerated from the same checkpoint before the job is failed."""
+
+    exit_grace_seconds: float = 30.0
+    """How long a job may keep running after reporting its exit before it is killed."""
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    def validate(self) -> None:
+        if not is_loopback(self.host) and not self.api_token:
+            raise ValueError(
+                f"listening on {self.host} would expose the caller API beyond this machine; "
+                "set an API token (--api-token or CHECKER_API_TOKEN) or listen on 127.0.0.1"
+            )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints is {self.keep_checkpoints}; keep at least 1 checkpoint per job")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range 0-65535")

@@ -1,0 +1,15 @@
+"""Runtimes: how a job is started, checkpointed, restored and stopped."""
+
+from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
+from checker.runtimes.criu import Criu, find_criu
+from checker.runtimes.process import ProcessRuntime
+
+RUNTIME_TYPES = ("process",)
+
+
+def create_runtimes(criu: Criu) -> dict[str, Runtime]:
+    """Build one instance of every runtime available on this machine, by type name."""
+    return {"process": ProcessRuntime(criu)}
+
+
+__all__ = ["Criu", "ExitStatus", "JobFiles", "LaunchSpec", "RUNTIME_TYPES", "Runtime", "create_runtimes", "find_criu"]

@@ -1,0 +1,125 @@
+"""The interface every runtime implements, and the data it exchanges with the runner."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checker.runtimes.procfs import ProcessIdentity
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """Host paths of one job's files."""
+
+    job_dir: Path
+    """Directory with everything below; removed by cleanup."""
+
+    work_dir: Path
+    """The job's current directory."""
+
+    stdout_path: Path
+    stderr_path: Path
+
+    exit_status_path: Path
+    """JSON file the job's init writes when the job exits: {"exit_code": N} or {"signal": N}."""
+
+    @classmethod
+    def under(cls, job_dir: Path) -> "JobFiles":
+        return cls(
+            job_dir=job_dir,
+            work_dir=job_dir / "work",
+            stdout_path=job_dir / "stdout.log",
+            stderr_path=job_dir / "stderr.log",
+            exit_status_path=job_dir / "exit-status.json",
+        )
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a runtime needs to start or restore one job."""
+
+    job_id: str
+    command: list[str]
+    env: dict[str, str]
+    """Complete environment of the job, Checker's variables included."""
+    files: JobFiles
+    config: dict = field(default_factory=dict)
+    """The runtime's own configuration from the job definition."""
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a job's process ended."""
+
+    exit_code: int | None
+    """Exit code of the job's command, when it exited normally."""
+
+    signal: int | None
+    """Signal that killed the job's command or its init, when one did."""
+
+    reported: bool
+    """True when the job's init recorded the status; False when the init itself died (a crash)."""
+
+    @property
+    def crashed(self) -> bool:
+        return not self.reported
+
+
+def read_exit_status(files: JobFiles, wait_status: int | None) -> ExitStatus:
+    """Combine the init's exit-status file with the wait status, when there is one.
+
+    The file is the primary source: the job's command may have exited while
+    the runner was down. Without the file the init itself was killed (for
+    example by SIGKILL), which counts as a crash.
+    """
+    try:
+        recorded = json.loads(files.exit_status_path.read_text())
+    except (FileNotFoundError, ValueError):
+        recorded = None
+
+    if isinstance(recorded, dict):
+        return ExitStatus(exit_code=recorded.get("exit_code"), signal=recorded.get("signal"), reported=True)
+
+    signal_number = None
+    if wait_status is not None:
+        import os
+
+        if os.WIFSIGNALED(wait_status):
+            signal_number = os.WTERMSIG(wait_status)
+    return ExitStatus(exit_code=None, signal=signal_number, reported=False)
+
+
+class Runtime(ABC):
+    """Starts, checkpoints, restores and stops jobs of one runtime type."""
+
+    type_name: str
+
+    @abstractmethod
+    async def start(self, spec: LaunchSpec) -> ProcessIdentity:
+        """Start the job from the beginning."""
+
+    @abstractmethod
+    async def checkpoint(self, spec: LaunchSpec, process: ProcessIdentity, image_dir: Path, *, leave_running: bool, context: str) -> None:
+        """Write the job's image to `image_dir`; stop the job unless `leave_running`."""
+
+    @abstractmethod
+    async def restore(self, spec: LaunchSpec, image_dir: Path, *, context: str) -> ProcessIdentity:
+        """Start a copy of the job from the image in `image_dir`, detached."""
+
+    @abstractmethod
+    async def kill(self, process: ProcessIdentity) -> None:
+        """Kill the job and every process of it."""
+
+    @abstractmethod
+    async def wait(self, spec: LaunchSpec, process: ProcessIdentity) -> ExitStatus:
+        """Wait until the job's process ends."""
+
+    @abstractmethod
+    async def cleanup(self, spec: LaunchSpec) -> None:
+        """Remove what the runtime created for the job, keeping logs."""
+
+    def validate_config(self, config: dict) -> None:
+        """Raise ValueError with a message naming the field when `config` is invalid."""

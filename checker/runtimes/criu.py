@@ -1,0 +1,144 @@
+"""Locating and running the CRIU binary.
+
+Checker needs CRIU 4.2 or newer: older releases cannot dump a process that holds
+an inet socket on kernels 6.16 and newer (SO_PASSCRED changed), and Debian 12's
+criu 3.17 also fails `criu check` there. `scripts/install-criu.sh` installs a
+good build under the project prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from checker.errors import CriuError, ErrorCode
+
+ENV_CRIU = "CHECKER_CRIU"
+ENV_PREFIX = "CHECKER_PREFIX"
+DEFAULT_PREFIX = "/opt/checker"
+MIN_VERSION = (4, 2)
+MAX_ERROR_LINES = 3
+
+
+class CriuNotFoundError(Exception):
+    """No usable CRIU binary was found; the message says how to install one."""
+
+
+@dataclass(frozen=True)
+class Criu:
+    """A CRIU binary that reported a supported version."""
+
+    path: Path
+    version: str
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """Parse the `Version: X.Y[.Z]` line of `criu --version`."""
+    match = re.search(r"^Version:\s*([0-9]+(?:\.[0-9]+)*)", text, re.MULTILINE)
+    if match is None:
+        return None
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def read_version(path: Path) -> str | None:
+    """Run `criu --version` and return the version string, or None when it fails."""
+    try:
+        completed = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    version = parse_version(completed.stdout)
+    return ".".join(str(part) for part in version) if version else None
+
+
+def candidate_paths(configured: str | None = None) -> list[tuple[str, Path]]:
+    """List where CRIU is looked for, in order: the setting, the project prefix, PATH."""
+    candidates: list[tuple[str, Path]] = []
+    setting = configured or os.environ.get(ENV_CRIU)
+    if setting:
+        candidates.append((f"setting {ENV_CRIU}", Path(setting)))
+
+    prefix = Path(os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
+    candidates.append(("project prefix", prefix / "bin" / "criu"))
+
+    on_path = shutil.which("criu")
+    if on_path:
+        candidates.append(("PATH", Path(on_path)))
+    return candidates
+
+
+def find_criu(configured: str | None = None) -> Criu:
+    """Return the first CRIU >= 4.2 among the candidates, or raise CriuNotFoundError.
+
+    A configured path that is missing or too old is an error rather than a
+    reason to fall through, so a typo in the setting never silently picks a
+    different binary.
+    """
+    rejected: list[str] = []
+    for origin, path in candidate_paths(configured):
+        if not path.exists():
+            if origin.startswith("setting"):
+                raise CriuNotFoundError(f"CRIU path {path} from {origin} does not exist; fix the setting or unset it")
+            continue
+
+        version = read_version(path)
+        if version is None or tuple(int(p) for p in version.split(".")) < MIN_VERSION:
+            problem = f"{path} ({origin}) reports version {version or 'unknown'}, older than 4.2"
+            if origin.startswith("setting"):
+                raise CriuNotFoundError(f"CRIU {problem}; point {ENV_CRIU} at CRIU 4.2 or newer")
+            rejected.append(problem)
+            continue
+
+        return Criu(path=path, version=version)
+
+    details = "; ".join(rejected) if rejected else "none found"
+    raise CriuNotFoundError(
+        f"no CRIU 4.2 or newer ({details}); run scripts/install-criu.sh as root, or set {ENV_CRIU} to a CRIU binary"
+    )
+
+
+def first_error_lines(log_path: Path, limit: int = MAX_ERROR_LINES) -> list[str]:
+    """Return the first `Error` lines of a CRIU log, without the timestamp prefix."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+
+    lines = []
+    for line in text.splitlines():
+        if "Error" in line:
+            lines.append(re.sub(r"^\(\s*[0-9.]+\)\s*", "", line).strip())
+            if len(lines) >= limit:
+                break
+    return lines
+
+
+async def run_criu(criu: Criu, arguments: list[str], log_path: Path, code: ErrorCode, context: str) -> None:
+    """Run CRIU with its log at `log_path`; raise CriuError naming `context` on failure.
+
+    `context` names the operation, job and checkpoint ("dump of job 3f2a,
+    checkpoint 7"), so the error reads on its own in logs and API answers.
+    """
+    command = [str(criu.path), *arguments, "--log-file", str(log_path)]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        close_fds=True,
+    )
+    _, stderr = await process.communicate()
+    if process.returncode == 0:
+        return
+
+    error_lines = first_error_lines(log_path)
+    if not error_lines:
+        stderr_text = stderr.decode(errors="replace").strip()
+        error_lines = [line for line in stderr_text.splitlines() if line][:MAX_ERROR_LINES]
+    reported = "; ".join(f"'{line}'" for line in error_lines) or "no error lines in its log"
+    message = f"{context} failed: CRIU exited with {process.returncode} and reported {reported} (log: {log_path})"
+    raise CriuError(code, message, str(log_path), error_lines)

@@ -1,0 +1,113 @@
+"""Process identity and exit notification through /proc and pidfds."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process on the host, identified so that a reused PID is never mistaken for it."""
+
+    pid: int
+    """PID in the host's PID namespace (the job's namespace init)."""
+
+    start_time: int
+    """Start time in clock ticks after boot (field 22 of /proc/PID/stat)."""
+
+
+def read_start_time(pid: int) -> int | None:
+    """Return the process's start time in clock ticks, or None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+    # The command name in field 2 may contain spaces and parentheses, so split after its last ')'.
+    fields_after_name = stat[stat.rindex(")") + 2 :].split()
+    return int(fields_after_name[19])
+
+
+def read_state(pid: int) -> str | None:
+    """Return the one-letter process state (R, S, Z, ...), or None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def identify(pid: int) -> ProcessIdentity | None:
+    start_time = read_start_time(pid)
+    return None if start_time is None else ProcessIdentity(pid, start_time)
+
+
+def is_alive(identity: ProcessIdentity) -> bool:
+    """Return whether the same process (same PID and start time) still runs and is not a zombie."""
+    if read_start_time(identity.pid) != identity.start_time:
+        return False
+    return read_state(identity.pid) not in (None, "Z", "X")
+
+
+def become_child_subreaper() -> None:
+    """Make this process adopt orphaned descendants, such as jobs restored by `criu restore -d`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(code)}")
+
+
+def list_children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children_file:
+            return [int(child) for child in children_file.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+async def wait_for_exit(identity: ProcessIdentity) -> int | None:
+    """Wait until the process exits; return its wait status when it was our child, else None.
+
+    A pidfd works for any process, also one adopted from a previous server
+    that is not our child. When it is our child, it is reaped here so no
+    zombie is left behind.
+    """
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except ProcessLookupError:
+        return None
+
+    try:
+        if read_start_time(identity.pid) == identity.start_time:
+            loop = asyncio.get_running_loop()
+            exited = loop.create_future()
+            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+
+    return reap(identity.pid)
+
+
+def reap(pid: int) -> int | None:
+    """Collect the exit status of an exited child; None when it is not our child."""
+    try:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ECHILD:
+            return None
+        raise
+    return status if reaped == pid else None

@@ -1,0 +1,307 @@
+"""The FastAPI application: caller API under /v1, runtime API under /v1/runtime."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from typing import Annotated, AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import checker
+from checker.errors import CheckerError, ErrorCode
+from checker.server import models
+from checker.server.manager import JobManager
+from checker.server.runner import hash_token
+from checker.store.state import CheckpointRecord, DefinitionRecord, EventRecord, JobRecord, JobState
+
+logger = logging.getLogger(__name__)
+
+MAX_LOG_CHUNK = 1 << 20
+MAX_WAIT_SECONDS = 300.0
+
+
+def definition_out(record: DefinitionRecord) -> models.DefinitionOut:
+    return models.DefinitionOut(
+        name=record.name,
+        version=record.version,
+        runtime={"type": record.runtime_type, **record.runtime_config},
+        metadata=record.metadata,
+        created_at=models.iso_time(record.created_at),
+    )
+
+
+def job_out(job: JobRecord) -> models.JobOut:
+    return models.JobOut(
+        id=job.id,
+        definition=job.definition_name,
+        version=job.definition_version,
+        runtime=job.runtime_type,
+        state=job.state,
+        params=job.params,
+        metadata=job.metadata,
+        idempotency_key=job.idempotency_key,
+        pid=job.pid,
+        checkpoint_count=job.checkpoint_count,
+        last_checkpoint=job.last_checkpoint,
+        restore_count=job.restore_count,
+        restart_count=job.restart_count,
+        output=job.output,
+        exit_code=job.exit_code,
+        error=job.error,
+        error_code=job.error_code,
+        created_at=models.iso_time(job.created_at),
+        started_at=models.iso_time(job.started_at),
+        finished_at=models.iso_time(job.finished_at),
+        updated_at=models.iso_time(job.updated_at),
+    )
+
+
+def checkpoint_out(record: CheckpointRecord) -> models.CheckpointOut:
+    return models.CheckpointOut(
+        number=record.number,
+        mode=record.mode,
+        status=record.status,
+        size_bytes=record.size_bytes,
+        dump_seconds=record.dump_seconds,
+        total_seconds=record.total_seconds,
+        criu_version=record.criu_version,
+        created_at=models.iso_time(record.created_at),
+    )
+
+
+def event_out(record: EventRecord) -> models.EventOut:
+    return models.EventOut(seq=record.seq, kind=record.kind, message=record.message, data=record.data, created_at=models.iso_time(record.created_at))
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        kind, value = base64.urlsafe_b64decode(padded.encode()).decode().split(":", 1)
+        if kind != "seq":
+            raise ValueError(kind)
+        return int(value)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckerError(ErrorCode.INVALID_REQUEST, f"cursor {cursor!r} is invalid; pass the next_cursor of a previous page") from error
+
+
+def error_response(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": code, "detail": detail})
+
+
+def describe_validation_error(error: RequestValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
+        problems.append(f"{location}: {item.get('msg', 'invalid')}")
+    return "; ".join(problems)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CheckerError)
+    async def checker_error(request: Request, error: CheckerError) -> JSONResponse:
+        return error_response(error.http_status, error.code.value, error.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(422, ErrorCode.INVALID_REQUEST.value, describe_validation_error(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, "http_error", str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unexpected error in %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", f"{type(error).__name__}: {error}; see the server log")
+
+
+def manager_of(request: Request) -> JobManager:
+    return request.app.state.manager
+
+
+Manager = Annotated[JobManager, Depends(manager_of)]
+
+
+def caller_auth(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Require the server's API token on the caller API when one is configured."""
+    expected = request.app.state.api_token
+    if not expected:
+        return
+    if not authorization or not authorization.startswith("Bearer "):
+        raise CheckerError(ErrorCode.UNAUTHORIZED, "the caller API needs 'Authorization: Bearer <API token>'")
+    if not hmac.compare_digest(authorization.removeprefix("Bearer ").encode(), expected.encode()):
+        raise CheckerError(ErrorCode.UNAUTHORIZED, "the API token is wrong")
+
+
+def job_token_auth(job_id: str, request: Request, authorization: Annotated[str | None, Header()] = None) -> JobRecord:
+    """Authenticate a runtime API call by the job's own bearer token.
+
+    A token valid for another job is rejected with 403, an unknown token with 401.
+    """
+    if not authorization or not authorization.startswith("Bearer "):
+        raise CheckerError(ErrorCode.UNAUTHORIZED, "the runtime API needs 'Authorization: Bearer <job token>' (CHECKER_TOKEN)")
+    presented = hash_token(authorization.removeprefix("Bearer "))
+
+    manager: JobManager = request.app.state.manager
+    job = manager.state.get_job(job_id)
+    if job is not None and hmac.compare_digest(presented, job.token_hash):
+        return job
+    if manager.state.job_id_for_token_hash(presented) is not None:
+        raise CheckerError(ErrorCode.FORBIDDEN, f"this token belongs to another job; it cannot act on job {job_id}")
+    raise CheckerError(ErrorCode.UNAUTHORIZED, "the job token is invalid")
+
+
+AuthenticatedJob = Annotated[JobRecord, Depends(job_token_auth)]
+
+
+def build_caller_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(caller_auth)], tags=["caller"])
+
+    @router.post("/job-definitions", status_code=201, response_model=models.DefinitionOut)
+    async def create_definition(body: models.DefinitionCreate, manager: Manager) -> models.DefinitionOut:
+        config = body.runtime.model_dump(exclude={"type"})
+        record = manager.state.create_definition(body.name, body.runtime.type, config, body.metadata)
+        logger.info("job definition %s version %d created", record.name, record.version)
+        return definition_out(record)
+
+    @router.get("/job-definitions", response_model=models.DefinitionList)
+    async def list_definitions(manager: Manager, name: str | None = None) -> models.DefinitionList:
+        return models.DefinitionList(items=[definition_out(r) for r in manager.state.list_definitions(name)])
+
+    @router.get("/job-definitions/{name}", response_model=models.DefinitionOut)
+    async def get_definition(name: str, manager: Manager, version: Annotated[int | None, Query(ge=1)] = None) -> models.DefinitionOut:
+        record = manager.state.get_definition(name, version)
+        if record is None:
+            raise CheckerError(ErrorCode.NOT_FOUND, f"job definition {name!r}{f' version {version}' if version else ''} not found")
+        return definition_out(record)
+
+    @router.delete("/job-definitions/{name}", status_code=204)
+    async def delete_definition(name: str, manager: Manager, version: Annotated[int | None, Query(ge=1)] = None) -> Response:
+        deleted = manager.state.delete_definition(name, version)
+        if deleted == 0:
+            raise CheckerError(ErrorCode.NOT_FOUND, f"job definition {name!r}{f' version {version}' if version else ''} not found")
+        logger.info("job definition %s deleted (%d version(s))", name, deleted)
+        return Response(status_code=204)
+
+    @router.post("/jobs", status_code=201, response_model=models.JobOut, responses={200: {"model": models.JobOut, "description": "Existing job with this idempotency key"}})
+    async def spawn_job(body: models.JobSpawn, manager: Manager, response: Response) -> models.JobOut:
+        job, created = manager.spawn(body.definition, body.version, body.params, body.env, body.metadata, body.idempotency_key)
+        if not created:
+            response.status_code = 200
+        return job_out(job)
+
+    @router.get("/jobs", response_model=models.JobList)
+    async def list_jobs(
+        manager: Manager,
+        state: Annotated[list[str] | None, Query(description="Filter by state; repeat for several.")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: str | None = None,
+    ) -> models.JobList:
+        for value in state or []:
+            if value not in JobState.ALL:
+                raise CheckerError(ErrorCode.INVALID_REQUEST, f"state {value!r} is invalid; use one of {', '.join(JobState.ALL)}")
+        after = decode_cursor(cursor) if cursor else None
+        page = manager.state.list_jobs(states=state, after_seq=after, limit=limit + 1)
+        next_cursor = encode_cursor(page[limit - 1].seq) if len(page) > limit else None
+        return models.JobList(items=[job_out(j) for j in page[:limit]], next_cursor=next_cursor)
+
+    @router.get("/jobs/{job_id}", response_model=models.JobOut)
+    async def get_job(job_id: str, manager: Manager) -> models.JobOut:
+        return job_out(manager.get_job(job_id))
+
+    @router.post("/jobs/{job_id}/kill", response_model=models.JobOut)
+    async def kill_job(job_id: str, manager: Manager) -> models.JobOut:
+        return job_out(await manager.kill(job_id, "killed on request"))
+
+    @router.get("/jobs/{job_id}/result", response_model=models.ResultOut, responses={202: {"model": models.ResultOut, "description": "Not finished yet"}})
+    async def get_result(
+        job_id: str, manager: Manager, response: Response, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for the job to finish.")] = 0
+    ) -> models.ResultOut:
+        job = await manager.wait_finished(job_id, wait)
+        if not job.terminal:
+            response.status_code = 202
+        return models.ResultOut(id=job.id, state=job.state, finished=job.terminal, output=job.output, exit_code=job.exit_code, error=job.error)
+
+    @router.get("/jobs/{job_id}/logs", response_model=models.LogChunk)
+    async def read_logs(
+        job_id: str,
+        manager: Manager,
+        stream: Annotated[str, Query(pattern="^(stdout|stderr)$")] = "stdout",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_LOG_CHUNK)] = 65536,
+    ) -> models.LogChunk:
+        job = manager.get_job(job_id)
+        path = manager.settings.jobs_dir / job.id / f"{stream}.log"
+        data = b""
+        try:
+            with open(path, "rb") as log_file:
+                log_file.seek(offset)
+                data = log_file.read(limit)
+        except FileNotFoundError:
+            pass
+        return models.LogChunk(stream=stream, offset=offset, next_offset=offset + len(data), data=data.decode(errors="replace"), finished=job.terminal and not data)
+
+    @router.get("/jobs/{job_id}/checkpoints", response_model=models.CheckpointList)
+    async def list_checkpoints(job_id: str, manager: Manager) -> models.CheckpointList:
+        manager.get_job(job_id)
+        return models.CheckpointList(items=[checkpoint_out(c) for c in manager.state.list_checkpoints(job_id)])
+
+    @router.get("/jobs/{job_id}/events", response_model=models.EventList)
+    async def list_events(job_id: str, manager: Manager, after: Annotated[int, Query(ge=0)] = 0) -> models.EventList:
+        manager.get_job(job_id)
+        return models.EventList(items=[event_out(e) for e in manager.state.list_events(job_id, after)])
+
+    return router
+
+
+def build_runtime_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/runtime/jobs/{job_id}", tags=["runtime"])
+
+    @router.get("/params", response_model=models.ParamsResponse)
+    async def get_params(job: AuthenticatedJob) -> models.ParamsResponse:
+        return models.ParamsResponse(job_id=job.id, params=job.params)
+
+    @router.post("/checkpoint", response_model=models.CheckpointResponse)
+    async def take_checkpoint(body: models.CheckpointRequest, job: AuthenticatedJob, manager: Manager) -> models.CheckpointResponse:
+        answer = await manager.checkpoint(job.id, body.token)
+        return models.CheckpointResponse(restored=answer.restored, checkpoint=answer.checkpoint)
+
+    @router.post("/exit", status_code=200)
+    async def report_exit(body: models.ExitRequest, job: AuthenticatedJob, manager: Manager) -> dict:
+        await manager.report_exit(job.id, body.exit_code, body.output)
+        return {"ok": True}
+
+    return router
+
+
+def create_app(manager_factory, api_token: str | None) -> FastAPI:
+    """Build the application; `manager_factory` is an async context manager yielding the JobManager."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with manager_factory() as manager:
+            app.state.manager = manager
+            yield
+
+    app = FastAPI(title="Checker", version=checker.__version__, lifespan=lifespan, description="Durable execution by memory checkpointing.")
+    app.state.api_token = api_token
+    install_error_handlers(app)
+    app.include_router(build_caller_router())
+    app.include_router(build_runtime_router())
+
+    @app.get("/v1/health", tags=["caller"])
+    async def health(request: Request) -> dict:
+        manager: JobManager = request.app.state.manager
+        return {"status": "ok", "version": checker.__version__, "criu_version": manager.context.criu_version, "jobs_supervised": len(manager.runners)}
+
+    return app

@@ -1,0 +1,171 @@
+"""The job manager: spawns jobs, owns their runners, and recovers them at startup."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from checker.config import Settings
+from checker.errors import CheckerError, ErrorCode
+from checker.runtimes import Runtime
+from checker.runtimes.procfs import ProcessIdentity, is_alive
+from checker.server.runner import CheckpointAnswer, JobRunner, RunnerContext
+from checker.store.checkpoints import LocalCheckpointStore
+from checker.store.state import DuplicateIdempotencyKey, JobRecord, JobState, StateStore
+
+logger = logging.getLogger(__name__)
+
+
+def request_digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class JobManager:
+    """Registry of job runners, shared by the HTTP handlers."""
+
+    def __init__(self, settings: Settings, state: StateStore, checkpoints: LocalCheckpointStore, runtimes: dict[str, Runtime], api_url: str, criu_version: str) -> None:
+        self.settings = settings
+        self.state = state
+        self.runners: dict[str, JobRunner] = {}
+        self.context = RunnerContext(
+            settings=settings,
+            state=state,
+            checkpoints=checkpoints,
+            runtimes=runtimes,
+            api_url=api_url,
+            criu_version=criu_version,
+            on_finished=self._on_runner_finished,
+        )
+
+    async def recover(self) -> None:
+        """Resume supervision of every unfinished job after a start or crash of the server.
+
+        A running job whose process is still alive (same PID and start time) is
+        re-adopted; one whose process is gone is restored from its last valid
+        checkpoint, or started again; a pending job is started.
+        """
+        removed = self.context.checkpoints.remove_partial()
+        for staging in removed:
+            logger.warning("removed unfinished checkpoint %s left by a previous server", staging)
+
+        for job in self.state.list_jobs(states=[JobState.RUNNING, JobState.PENDING], limit=1_000_000):
+            adopt = None
+            if job.state == JobState.RUNNING and job.pid is not None and job.pid_start_time is not None:
+                identity = ProcessIdentity(job.pid, job.pid_start_time)
+                if is_alive(identity):
+                    adopt = identity
+            self._start_runner(job, adopt)
+
+        if self.runners:
+            logger.info("recovery: supervising %d unfinished job(s)", len(self.runners))
+
+    async def shutdown(self) -> None:
+        """Stop every runner but leave the jobs' processes running for the next server."""
+        await asyncio.gather(*(runner.stop() for runner in list(self.runners.values())))
+        self.runners.clear()
+
+    def _start_runner(self, job: JobRecord, adopt: ProcessIdentity | None = None) -> JobRunner:
+        runner = JobRunner(job, self.context)
+        self.runners[job.id] = runner
+        runner.start(adopt)
+        return runner
+
+    def _on_runner_finished(self, runner: JobRunner) -> None:
+        if self.runners.get(runner.job_id) is runner:
+            del self.runners[runner.job_id]
+
+    def spawn(self, definition_name: str, version: int | None, params: dict, env: dict, job_metadata: dict, idempotency_key: str | None) -> tuple[JobRecord, bool]:
+        """Create a job and start it; return (job, created). A repeated idempotency key returns the first job."""
+        digest = request_digest({"definition": definition_name, "version": version, "params": params, "env": env, "metadata": job_metadata})
+        if idempotency_key:
+            existing = self.state.find_job_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return self._check_idempotent_match(existing, digest, idempotency_key), False
+
+        definition = self.state.get_definition(definition_name, version)
+        if definition is None:
+            wanted = f"version {version} of " if version else ""
+            raise CheckerError(ErrorCode.NOT_FOUND, f"{wanted}job definition {definition_name!r} not found; create it with POST /v1/job-definitions")
+
+        job_id = secrets.token_hex(8)
+        values = {
+            "id": job_id,
+            "definition_name": definition.name,
+            "definition_version": definition.version,
+            "runtime_type": definition.runtime_type,
+            "runtime_config": definition.runtime_config,
+            "state": JobState.PENDING,
+            "params": params,
+            "env": env,
+            "metadata": job_metadata,
+            "idempotency_key": idempotency_key,
+            "request_digest": digest,
+            "token_hash": "",
+        }
+        try:
+            job = self.state.insert_job(values, f"job {job_id} created from {definition.name} version {definition.version}")
+        except DuplicateIdempotencyKey:
+            existing = self.state.find_job_by_idempotency_key(idempotency_key or "")
+            assert existing is not None
+            return self._check_idempotent_match(existing, digest, idempotency_key or ""), False
+
+        logger.info("job %s created from %s version %d", job_id, definition.name, definition.version)
+        self._start_runner(job)
+        return job, True
+
+    @staticmethod
+    def _check_idempotent_match(existing: JobRecord, digest: str, key: str) -> JobRecord:
+        if existing.request_digest != digest:
+            raise CheckerError(
+                ErrorCode.CONFLICT,
+                f"idempotency key {key!r} was already used for job {existing.id} with a different request; use a new key",
+            )
+        return existing
+
+    def get_job(self, job_id: str) -> JobRecord:
+        job = self.state.get_job(job_id)
+        if job is None:
+            raise CheckerError(ErrorCode.NOT_FOUND, f"job {job_id!r} not found")
+        return job
+
+    def runner_for(self, job_id: str) -> JobRunner:
+        job = self.get_job(job_id)
+        runner = self.runners.get(job_id)
+        if runner is None:
+            raise CheckerError(ErrorCode.INVALID_STATE, f"job {job_id} is {job.state}; it has no running process")
+        return runner
+
+    async def checkpoint(self, job_id: str, token: str) -> CheckpointAnswer:
+        known = self.state.get_token(job_id, token)
+        if known is not None:
+            job = self.get_job(job_id)
+            return CheckpointAnswer(restored=job.restore_count > known.restore_count, checkpoint=known.checkpoint_number)
+        return await self.runner_for(job_id).request_checkpoint(token)
+
+    async def report_exit(self, job_id: str, exit_code: int, output: Any) -> None:
+        await self.runner_for(job_id).report_exit(exit_code, output)
+
+    async def kill(self, job_id: str, reason: str) -> JobRecord:
+        job = self.get_job(job_id)
+        if job.terminal:
+            return job
+        runner = self.runners.get(job_id)
+        if runner is None:
+            return self.state.update_job(job_id, event=("failed", f"job {job_id} failed: {reason}", {}), state=JobState.FAILED, error=reason, error_code="killed", finished_at=time.time())
+        return await runner.kill(reason)
+
+    async def wait_finished(self, job_id: str, timeout: float) -> JobRecord:
+        job = self.get_job(job_id)
+        runner = self.runners.get(job_id)
+        if job.terminal or runner is None or timeout <= 0:
+            return job
+        try:
+            await asyncio.wait_for(runner.finished.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.get_job(job_id)

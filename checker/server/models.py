@@ -1,0 +1,181 @@
+"""Request and response bodies of the caller and runtime APIs."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV_PREFIX = "CHECKER_"
+
+
+def validate_env(env: dict[str, str]) -> dict[str, str]:
+    for name in env:
+        if not ENV_NAME.match(name):
+            raise ValueError(f"environment variable name {name!r} is invalid; use letters, digits and '_', not starting with a digit")
+        if name.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"environment variable {name!r} is reserved: Checker sets the {RESERVED_ENV_PREFIX}* variables itself")
+    return env
+
+
+def iso_time(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc).isoformat()
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuntimeSpec(StrictModel):
+    type: Literal["process"] = Field(description="Runtime type that runs the job.")
+    command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
+
+    @field_validator("command")
+    @classmethod
+    def command_parts_not_empty(cls, command: list[str]) -> list[str]:
+        if any(not part for part in command):
+            raise ValueError("command parts must be non-empty strings")
+        return command
+
+    @field_validator("env")
+    @classmethod
+    def env_names_valid(cls, env: dict[str, str]) -> dict[str, str]:
+        return validate_env(env)
+
+
+class DefinitionCreate(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN, description="Definition name; letters, digits, '.', '_', '-'.")
+    runtime: RuntimeSpec
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DefinitionOut(BaseModel):
+    name: str
+    version: int
+    runtime: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: str | None
+
+
+class DefinitionList(BaseModel):
+    items: list[DefinitionOut]
+
+
+class JobSpawn(StrictModel):
+    definition: str = Field(pattern=NAME_PATTERN, description="Name of the job definition.")
+    version: int | None = Field(default=None, ge=1, description="Definition version; the latest when omitted.")
+    params: dict[str, Any] = Field(default_factory=dict, description="JSON object the job reads with params().")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for this job.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Spawning again with the same key returns the first job."
+    )
+
+    @field_validator("env")
+    @classmethod
+    def env_names_valid(cls, env: dict[str, str]) -> dict[str, str]:
+        return validate_env(env)
+
+
+class JobOut(BaseModel):
+    id: str
+    definition: str
+    version: int
+    runtime: str
+    state: str
+    params: dict[str, Any]
+    metadata: dict[str, Any]
+    idempotency_key: str | None
+    pid: int | None
+    checkpoint_count: int
+    last_checkpoint: int | None
+    restore_count: int
+    restart_count: int
+    output: Any
+    exit_code: int | None
+    error: str | None
+    error_code: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page.")
+
+
+class ResultOut(BaseModel):
+    id: str
+    state: str
+    finished: bool
+    output: Any
+    exit_code: int | None
+    error: str | None
+
+
+class LogChunk(BaseModel):
+    stream: str
+    offset: int
+    next_offset: int
+    data: str
+    finished: bool = Field(description="True when the job is finished and no more output will come.")
+
+
+class CheckpointOut(BaseModel):
+    number: int
+    mode: str
+    status: str
+    size_bytes: int
+    dump_seconds: float
+    total_seconds: float
+    criu_version: str
+    created_at: str | None
+
+
+class CheckpointList(BaseModel):
+    items: list[CheckpointOut]
+
+
+class EventOut(BaseModel):
+    seq: int
+    kind: str
+    message: str
+    data: dict[str, Any]
+    created_at: str | None
+
+
+class EventList(BaseModel):
+    items: list[EventOut]
+
+
+class CheckpointRequest(StrictModel):
+    token: str = Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_-]+$", description="Fresh random token per checkpoint() call.")
+
+
+class CheckpointResponse(BaseModel):
+    restored: bool
+    checkpoint: int
+
+
+class ExitRequest(StrictModel):
+    exit_code: int = Field(default=0, ge=0, le=255)
+    output: Any = None
+
+
+class ParamsResponse(BaseModel):
+    job_id: str
+    params: dict[str, Any]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: str

@@ -1,0 +1,510 @@
+"""One runner per job: an actor that owns the job's process and state machine.
+
+All changes to a job go through its runner's command queue and are handled one
+at a time, so a checkpoint, a process exit and a kill can never interleave. The
+HTTP handlers only enqueue commands and wait for their answers.
+
+States: pending -> running -> completed | failed. A checkpoint in progress is an
+operation on a running job, not a state. A crash (the job's init died without
+reporting an exit) restores the job from its last valid checkpoint, or starts
+it again from the beginning when it has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from checker.config import Settings
+from checker.errors import CheckerError, CorruptCheckpointError, CriuError, ErrorCode
+from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
+from checker.runtimes.procfs import ProcessIdentity
+from checker.store.checkpoints import LocalCheckpointStore
+from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore
+
+logger = logging.getLogger(__name__)
+
+# Variables passed from the server's environment to every job. Anything else
+# (credentials of the server, for one) stays out of the job's environment.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CheckpointAnswer:
+    restored: bool
+    checkpoint: int
+
+
+@dataclass
+class PendingCheckpoint:
+    """One dump that every concurrent checkpoint request of the job shares."""
+
+    tokens: list[str]
+    answer: asyncio.Future
+    leave_running: bool = True
+    dump_finished: bool = False
+
+
+@dataclass(frozen=True)
+class ProcessExited:
+    process: ProcessIdentity
+    status: ExitStatus
+
+
+@dataclass(frozen=True)
+class KillCommand:
+    reason: str
+    done: asyncio.Future
+
+
+@dataclass(frozen=True)
+class ExitReport:
+    exit_code: int
+    output: Any
+    done: asyncio.Future
+
+
+@dataclass(frozen=True)
+class Boot:
+    """First command of every runner: start, restore or adopt the job."""
+
+    adopt: ProcessIdentity | None = None
+
+
+@dataclass
+class RunnerContext:
+    settings: Settings
+    state: StateStore
+    checkpoints: LocalCheckpointStore
+    runtimes: dict[str, Runtime]
+    api_url: str
+    criu_version: str
+    on_finished: Any = None
+
+
+class JobRunner:
+    """The actor of one job."""
+
+    def __init__(self, job: JobRecord, context: RunnerContext) -> None:
+        self.job_id = job.id
+        self.job = job
+        self.context = context
+        self.runtime = context.runtimes[job.runtime_type]
+        self.files = JobFiles.under(context.settings.jobs_dir / job.id)
+        self.process: ProcessIdentity | None = None
+        self.finished = asyncio.Event()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pending_checkpoint: PendingCheckpoint | None = None
+        self._inflight_tokens: dict[str, PendingCheckpoint] = {}
+        self._watcher: asyncio.Task | None = None
+        self._exit_deadline: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+
+    # Public interface, called from HTTP handlers
+
+    def start(self, adopt: ProcessIdentity | None = None) -> None:
+        self._queue.put_nowait(Boot(adopt=adopt))
+        self._task = asyncio.create_task(self._run(), name=f"runner-{self.job_id}")
+
+    async def stop(self) -> None:
+        """Stop the actor without touching the job's process (server shutdown)."""
+        for task in (self._watcher, self._task):
+            if task is not None:
+                task.cancel()
+        for task in (self._watcher, self._task):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    async def request_checkpoint(self, token: str) -> CheckpointAnswer:
+        """Answer a checkpoint call; identical tokens and concurrent calls share one dump."""
+        known = self.context.state.get_token(self.job_id, token)
+        if known is not None:
+            job = self.context.state.get_job(self.job_id)
+            restored = job is not None and job.restore_count > known.restore_count
+            return CheckpointAnswer(restored=restored, checkpoint=known.checkpoint_number)
+
+        if token in self._inflight_tokens:
+            return await asyncio.shield(self._inflight_tokens[token].answer)
+
+        pending = self._pending_checkpoint
+        if pending is None or pending.dump_finished:
+            pending = PendingCheckpoint(tokens=[], answer=asyncio.get_running_loop().create_future())
+            self._pending_checkpoint = pending
+            self._queue.put_nowait(pending)
+        pending.tokens.append(token)
+        self._inflight_tokens[token] = pending
+        return await asyncio.shield(pending.answer)
+
+    async def kill(self, reason: str) -> JobRecord:
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(KillCommand(reason, done))
+        return await asyncio.shield(done)
+
+    async def report_exit(self, exit_code: int, output: Any) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(ExitReport(exit_code, output, done))
+        await asyncio.shield(done)
+
+    # The actor loop
+
+    async def _run(self) -> None:
+        try:
+            while not self.finished.is_set():
+                command = await self._queue.get()
+                try:
+                    await self._handle(command)
+                except Exception as error:  # The actor must survive any one command.
+                    logger.exception("job %s: unexpected error while handling %s", self.job_id, type(command).__name__)
+                    self._fail_command(command, error)
+        finally:
+            self._reject_remaining()
+
+    async def _handle(self, command: Any) -> None:
+        if isinstance(command, Boot):
+            await self._boot(command)
+        elif isinstance(command, PendingCheckpoint):
+            await self._checkpoint(command)
+        elif isinstance(command, ProcessExited):
+            await self._on_process_exited(command)
+        elif isinstance(command, KillCommand):
+            await self._kill(command)
+        elif isinstance(command, ExitReport):
+            self._record_exit_report(command)
+
+    def _fail_command(self, command: Any, error: Exception) -> None:
+        future = getattr(command, "answer", None) or getattr(command, "done", None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+        if isinstance(command, PendingCheckpoint):
+            self._forget_checkpoint(command)
+
+    def _reject_remaining(self) -> None:
+        while not self._queue.empty():
+            command = self._queue.get_nowait()
+            error = CheckerError(ErrorCode.INVALID_STATE, f"job {self.job_id} is {self.job.state}; it takes no more requests")
+            if isinstance(command, KillCommand) and not command.done.done():
+                command.done.set_result(self.job)
+            else:
+                self._fail_command(command, error)
+
+    # Boot, start, adopt
+
+    async def _boot(self, command: Boot) -> None:
+        if command.adopt is not None:
+            self.process = command.adopt
+            self._watch()
+            self._event("adopted", f"job {self.job_id} re-adopted: process {command.adopt.pid} was still running", pid=command.adopt.pid)
+            return
+        if self.job.state == JobState.PENDING:
+            await self._start_fresh(reason="started")
+        else:
+            await self._recover(reason="the server found its process gone at startup")
+
+    def _launch_spec(self, env: dict[str, str] | None = None) -> LaunchSpec:
+        config = self.job.runtime_config
+        return LaunchSpec(job_id=self.job_id, command=list(config.get("command", [])), env=env or {}, files=self.files, config=config)
+
+    def _job_environment(self, token: str) -> dict[str, str]:
+        env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
+        env.update(self.job.runtime_config.get("env", {}))
+        env.update(self.job.env)
+        env.update({"CHECKER_API_URL": self.context.api_url, "CHECKER_JOB_ID": self.job_id, "CHECKER_TOKEN": token})
+        return env
+
+    async def _start_fresh(self, reason: str) -> None:
+        token = secrets.token_urlsafe(32)
+        self.job = self.context.state.update_job(self.job_id, token_hash=hash_token(token), output_reported=0, output=None)
+        spec = self._launch_spec(self._job_environment(token))
+        try:
+            self.process = await self.runtime.start(spec)
+        except CheckerError as error:
+            logger.error("job %s: %s", self.job_id, error.message)
+            self._finish(JobState.FAILED, error=error.message, error_code=error.code.value)
+            return
+
+        now = time.time()
+        restarted = self.job.started_at is not None
+        self.job = self.context.state.update_job(
+            self.job_id,
+            event=("started", f"job {self.job_id} {reason} as process {self.process.pid}", {"pid": self.process.pid}),
+            state=JobState.RUNNING,
+            pid=self.process.pid,
+            pid_start_time=self.process.start_time,
+            started_at=self.job.started_at or now,
+            restart_count=self.job.restart_count + (1 if restarted else 0),
+        )
+        logger.info("job %s %s (pid %d, runtime %s)", self.job_id, reason, self.process.pid, self.job.runtime_type)
+        self._watch()
+
+    def _watch(self) -> None:
+        process = self.process
+        assert process is not None
+        spec = self._launch_spec()
+
+        async def watch() -> None:
+            status = await self.runtime.wait(spec, process)
+            self._queue.put_nowait(ProcessExited(process, status))
+
+        self._watcher = asyncio.create_task(watch(), name=f"watch-{self.job_id}-{process.pid}")
+
+    # Checkpoints
+
+    async def _checkpoint(self, pending: PendingCheckpoint) -> None:
+        if self.process is None or self.job.state != JobState.RUNNING:
+            pending.dump_finished = True
+            self._resolve_checkpoint(pending, error=CheckerError(ErrorCode.INVALID_STATE, f"job {self.job_id} is {self.job.state}; no process to checkpoint"))
+            return
+
+        number = self.context.state.max_checkpoint_number(self.job_id) + 1
+        context = f"checkpoint {number} of job {self.job_id} (runtime {self.job.runtime_type})"
+        staging = self.context.checkpoints.begin(self.job_id, number)
+        job_files = {"stdout": self._file_size(self.files.stdout_path), "stderr": self._file_size(self.files.stderr_path)}
+
+        started = time.monotonic()
+        try:
+            await self.runtime.checkpoint(self._launch_spec(), self.process, staging, leave_running=pending.leave_running, context=context)
+        except CheckerError as error:
+            pending.dump_finished = True
+            self._event("checkpoint_failed", error.message, checkpoint=number, criu_errors=getattr(error, "error_lines", []))
+            logger.error("job %s: %s", self.job_id, error.message)
+            self._discard_staging(staging)
+            self._resolve_checkpoint(pending, error=error)
+            return
+        dump_seconds = time.monotonic() - started
+        pending.dump_finished = True
+
+        try:
+            manifest = await asyncio.to_thread(
+                self.context.checkpoints.commit,
+                staging,
+                job_id=self.job_id,
+                number=number,
+                parent=self.job.last_checkpoint,
+                runtime=self.job.runtime_type,
+                criu_version=self.context.criu_version,
+                job_files=job_files,
+            )
+        except OSError as error:
+            message = f"{context} failed while storing the image: {error}"
+            self._event("checkpoint_failed", message, checkpoint=number)
+            logger.error("job %s: %s", self.job_id, message)
+            self._discard_staging(staging)
+            self._resolve_checkpoint(pending, error=CheckerError(ErrorCode.CHECKPOINT_FAILED, message))
+            return
+
+        total_seconds = time.monotonic() - started
+        record = CheckpointRecord(
+            job_id=self.job_id,
+            number=number,
+            mode="keep-running" if pending.leave_running else "stop",
+            location=str(self.context.checkpoints.location(self.job_id, number)),
+            size_bytes=manifest.image_bytes,
+            dump_seconds=dump_seconds,
+            total_seconds=total_seconds,
+            status=CheckpointStatus.VALID,
+            criu_version=self.context.criu_version,
+            created_at=time.time(),
+        )
+        message = f"checkpoint {number} of job {self.job_id}: {manifest.image_bytes / 1e6:.1f} MB, dump {dump_seconds:.3f} s, total {total_seconds:.3f} s"
+        self.job = self.context.state.record_checkpoint(record, pending.tokens, self.job.restore_count, message, stop=not pending.leave_running)
+        logger.info(message)
+
+        self._resolve_checkpoint(pending, answer=CheckpointAnswer(restored=False, checkpoint=number))
+        await asyncio.to_thread(self._apply_retention)
+
+    def _resolve_checkpoint(self, pending: PendingCheckpoint, answer: CheckpointAnswer | None = None, error: Exception | None = None) -> None:
+        if not pending.answer.done():
+            if error is not None:
+                pending.answer.set_exception(error)
+            else:
+                pending.answer.set_result(answer)
+        # Nobody may await the future when the caller went away; mark its error retrieved.
+        if error is not None:
+            pending.answer.exception()
+        self._forget_checkpoint(pending)
+
+    def _forget_checkpoint(self, pending: PendingCheckpoint) -> None:
+        for token in pending.tokens:
+            self._inflight_tokens.pop(token, None)
+        if self._pending_checkpoint is pending:
+            self._pending_checkpoint = None
+
+    def _discard_staging(self, staging: Path) -> None:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def _apply_retention(self) -> None:
+        """Delete all but the most recent `keep_checkpoints` valid checkpoints of the job."""
+        valid = self.context.state.list_checkpoints(self.job_id, [CheckpointStatus.VALID])
+        for old in valid[: -self.context.settings.keep_checkpoints]:
+            self.context.state.set_checkpoint_status(self.job_id, old.number, CheckpointStatus.DELETED)
+            self.context.checkpoints.delete(self.job_id, old.number)
+
+    @staticmethod
+    def _file_size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    # Exit, crash, recovery
+
+    def _record_exit_report(self, report: ExitReport) -> None:
+        self.job = self.context.state.update_job(
+            self.job_id,
+            event=("exit_reported", f"job {self.job_id} reported its result with exit code {report.exit_code}", {"exit_code": report.exit_code}),
+            output=report.output,
+            output_reported=1,
+            exit_code=report.exit_code,
+        )
+        if not report.done.done():
+            report.done.set_result(None)
+        loop = asyncio.get_running_loop()
+        self._exit_deadline = loop.call_later(self.context.settings.exit_grace_seconds, self._kill_lingering_process)
+
+    def _kill_lingering_process(self) -> None:
+        if self.process is not None and not self.finished.is_set():
+            logger.warning("job %s reported its exit %.0f s ago but still runs; killing it", self.job_id, self.context.settings.exit_grace_seconds)
+            asyncio.ensure_future(self.runtime.kill(self.process))
+
+    async def _on_process_exited(self, exited: ProcessExited) -> None:
+        if exited.process != self.process:
+            return  # A process this runner already replaced or stopped.
+        self.process = None
+        status = exited.status
+
+        if self.job.output_reported:
+            code = self.job.exit_code or 0
+            if code == 0:
+                self._finish(JobState.COMPLETED)
+            else:
+                self._finish(JobState.FAILED, error=f"job exited with code {code}", error_code="exit_code")
+            return
+
+        if status.reported and status.signal is None:
+            if status.exit_code == 0:
+                self._finish(JobState.COMPLETED, exit_code=0)
+            else:
+                self._finish(JobState.FAILED, exit_code=status.exit_code, error=f"job exited with code {status.exit_code}; see its stderr log", error_code="exit_code")
+            return
+
+        cause = f"killed by signal {status.signal}" if status.signal else "its process died"
+        self._event("crashed", f"job {self.job_id} crashed: {cause}", signal=status.signal)
+        logger.warning("job %s crashed: %s", self.job_id, cause)
+        await self._recover(reason=f"it crashed ({cause})")
+
+    async def _recover(self, reason: str) -> None:
+        """Restore the job from its newest valid checkpoint, or start it again without one."""
+        limit = self.context.settings.max_restores_without_progress
+        if self.job.failed_restores >= limit:
+            self._finish(
+                JobState.FAILED,
+                error=f"job crashed {self.job.failed_restores} times since checkpoint {self.job.last_checkpoint}; not restored again",
+                error_code="crash_loop",
+            )
+            return
+        self.job = self.context.state.update_job(self.job_id, failed_restores=self.job.failed_restores + 1)
+
+        for checkpoint in reversed(self.context.state.list_checkpoints(self.job_id, [CheckpointStatus.VALID])):
+            try:
+                await self._restore(checkpoint, reason)
+                return
+            except CorruptCheckpointError as error:
+                self.context.state.set_checkpoint_status(self.job_id, checkpoint.number, CheckpointStatus.CORRUPT)
+                self._event("checkpoint_corrupt", f"{error.message}; trying the previous checkpoint", checkpoint=checkpoint.number)
+                logger.error("job %s: %s", self.job_id, error.message)
+            except CriuError as error:
+                self._event("restore_failed", error.message, checkpoint=checkpoint.number, criu_errors=error.error_lines)
+                logger.error("job %s: %s", self.job_id, error.message)
+                self._finish(JobState.FAILED, error=error.message, error_code=ErrorCode.RESTORE_FAILED.value)
+                return
+            except CheckerError as error:
+                self._event("restore_failed", error.message, checkpoint=checkpoint.number)
+                logger.error("job %s: %s", self.job_id, error.message)
+                self._finish(JobState.FAILED, error=error.message, error_code=error.code.value)
+                return
+
+        await self._start_fresh(reason=f"restarted from the beginning because {reason} and it has no valid checkpoint")
+
+    async def _restore(self, checkpoint: CheckpointRecord, reason: str) -> None:
+        started = time.monotonic()
+        manifest = await asyncio.to_thread(self.context.checkpoints.verify, self.job_id, checkpoint.number)
+        self._rewind_logs(manifest.job_files)
+
+        context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
+        image_dir = self.context.checkpoints.location(self.job_id, checkpoint.number)
+        self.process = await self.runtime.restore(self._launch_spec(), image_dir, context=context)
+        seconds = time.monotonic() - started
+
+        restore_number = self.job.restore_count + 1
+        message = f"job {self.job_id} restored from checkpoint {checkpoint.number} (restore {restore_number}) in {seconds:.3f} s because {reason}"
+        self.job = self.context.state.update_job(
+            self.job_id,
+            event=("restored", message, {"checkpoint": checkpoint.number, "restore": restore_number, "seconds": seconds, "pid": self.process.pid}),
+            state=JobState.RUNNING,
+            pid=self.process.pid,
+            pid_start_time=self.process.start_time,
+            restore_count=restore_number,
+        )
+        logger.info(message)
+        self._watch()
+
+    def _rewind_logs(self, sizes: dict[str, int]) -> None:
+        """Cut the logs back to their size at the checkpoint.
+
+        Output written after the checkpoint is written again by the restored
+        copy; without this cut it would appear twice in the logs.
+        """
+        for name, path in (("stdout", self.files.stdout_path), ("stderr", self.files.stderr_path)):
+            size = sizes.get(name)
+            if size is None or not path.exists():
+                continue
+            if path.stat().st_size > size:
+                os.truncate(path, size)
+
+    # Kill and finish
+
+    async def _kill(self, command: KillCommand) -> None:
+        if self.process is not None:
+            await self.runtime.kill(self.process)
+            self.process = None
+            if self._watcher is not None:
+                # The watcher reaps the killed process; its exit report is then ignored.
+                await asyncio.wait({self._watcher}, timeout=10)
+        self._finish(JobState.FAILED, error=command.reason, error_code="killed")
+        if not command.done.done():
+            command.done.set_result(self.job)
+
+    def _finish(self, state: str, exit_code: int | None = None, error: str | None = None, error_code: str | None = None) -> None:
+        values: dict[str, Any] = {"state": state, "finished_at": time.time(), "pid": None, "pid_start_time": None}
+        if exit_code is not None:
+            values["exit_code"] = exit_code
+        if error is not None:
+            values["error"] = error
+            values["error_code"] = error_code
+        message = f"job {self.job_id} {state}" + (f": {error}" if error else "")
+        self.job = self.context.state.update_job(self.job_id, event=(state, message, {"exit_code": exit_code}), **values)
+        if self._exit_deadline is not None:
+            self._exit_deadline.cancel()
+        logger.info(message)
+        self.finished.set()
+        if self.context.on_finished is not None:
+            self.context.on_finished(self)
+
+    def _event(self, kind: str, message: str, **data: Any) -> None:
+        self.context.state.add_event(self.job_id, kind, message, data)

@@ -1,0 +1,101 @@
+"""Assemble and run a server: state store, checkpoint store, runtimes, HTTP APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import uvicorn
+
+from checker.config import Settings
+from checker.runtimes import create_runtimes, find_criu
+from checker.runtimes.procfs import become_child_subreaper
+from checker.server.app import create_app
+from checker.server.manager import JobManager
+from checker.store.checkpoints import LocalCheckpointStore
+from checker.store.state import StateStore, sqlite_url
+
+logger = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket first, so the port is known (also for port 0) before jobs start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}; is another server running? Use --port to pick another") from error
+    listener.listen(512)
+    listener.set_inheritable(False)
+    return listener
+
+
+def api_url_for(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+class Server:
+    """A Checker server bound to its socket, ready to run."""
+
+    def __init__(self, settings: Settings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.criu = find_criu(settings.criu_path)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.listener = bind_socket(settings.host, settings.port)
+        self.api_url = api_url_for(self.listener)
+        self.manager: JobManager | None = None
+        self._uvicorn: uvicorn.Server | None = None
+
+    @asynccontextmanager
+    async def _manager(self) -> AsyncIterator[JobManager]:
+        become_child_subreaper()
+        state = StateStore(self.settings.database_url or sqlite_url(self.settings.state_dir))
+        if state.applied_migrations:
+            logger.info("state store migrated to schema version %d", state.applied_migrations[-1])
+        checkpoints = LocalCheckpointStore(self.settings.checkpoints_dir, fsync=self.settings.fsync_checkpoints)
+        manager = JobManager(self.settings, state, checkpoints, create_runtimes(self.criu), self.api_url, self.criu.version)
+        self.manager = manager
+        logger.info("server listening on %s (CRIU %s at %s, state in %s)", self.api_url, self.criu.version, self.criu.path, self.settings.state_dir)
+        await manager.recover()
+        try:
+            yield manager
+        finally:
+            await manager.shutdown()
+            state.close()
+            logger.info("server stopped; running jobs were left running for the next start")
+
+    def build_uvicorn(self) -> uvicorn.Server:
+        app = create_app(self._manager, self.settings.api_token)
+        config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=5, lifespan="on")
+        self._uvicorn = uvicorn.Server(config)
+        return self._uvicorn
+
+    async def serve(self) -> None:
+        server = self.build_uvicorn()
+        await server.serve(sockets=[self.listener])
+
+    def request_stop(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
+    @property
+    def started(self) -> bool:
+        return self._uvicorn is not None and self._uvicorn.started
+
+
+def run_server(settings: Settings) -> None:
+    """Run a server in the foreground until SIGINT or SIGTERM."""
+    asyncio.run(Server(settings).serve())

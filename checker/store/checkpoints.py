@@ -1,0 +1,263 @@
+"""Local checkpoint store: one directory of CRIU image files per checkpoint.
+
+Layout under the store's root::
+
+    <job id>/<number>.partial/   being written; never restored from
+    <job id>/<number>/           complete: image files, CRIU's dump log, manifest.json
+
+A checkpoint exists only once its `manifest.json` is in place: the manifest is
+written last, atomically (temporary file, fsync, rename), and the directory is
+renamed from `.partial` after that. A crash at any point leaves either a
+complete checkpoint or a `.partial` directory that is deleted on the next start.
+
+Manifest format, version 1 (JSON object)::
+
+    format          "checker-checkpoint"
+    format_version  1
+    job_id          the job's id
+    checkpoint      checkpoint number, from 1
+    parent          number of the previous checkpoint of the job, or null
+    runtime         runtime type that wrote the image ("process")
+    criu_version    version of the CRIU that dumped the image
+    created_at      Unix time, seconds
+    job_files       sizes in bytes of the job's stdout and stderr logs at the dump
+    files           [{"path", "size", "sha256"}] for every image file
+
+Version rule: a reader accepts exactly the format versions it knows (here: 1)
+and rejects any other with an error that names the version, because a newer
+format may change what a field means. Every listed file is checked for size
+and sha256 before a restore; a file in the directory that the manifest does not
+list is ignored, except that it is never restored from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from checker.errors import CorruptCheckpointError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "checker-checkpoint"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+HASH_BLOCK_BYTES = 4 << 20
+
+# Files in an image directory that are not part of the image itself.
+NOT_IMAGE_FILES = frozenset({MANIFEST_NAME, "criu-dump.log"})
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    path: str
+    size: int
+    """Size in bytes."""
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed manifest of one checkpoint."""
+
+    job_id: str
+    checkpoint: int
+    parent: int | None
+    runtime: str
+    criu_version: str
+    created_at: float
+    job_files: dict[str, int]
+    files: tuple[ManifestFile, ...]
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    def to_json(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": self.format_version,
+            "job_id": self.job_id,
+            "checkpoint": self.checkpoint,
+            "parent": self.parent,
+            "runtime": self.runtime,
+            "criu_version": self.criu_version,
+            "created_at": self.created_at,
+            "job_files": self.job_files,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
+        }
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """Parse and validate a manifest; raise CorruptCheckpointError naming `where` and the problem."""
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise CorruptCheckpointError(f"manifest {where} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise CorruptCheckpointError(f"manifest {where} is not a Checker checkpoint manifest (format field missing or wrong)")
+
+    version = data.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise CorruptCheckpointError(
+            f"manifest {where} has format version {version!r}; this Checker reads version(s) "
+            f"{sorted(SUPPORTED_FORMAT_VERSIONS)}; restore it with the Checker release that wrote it"
+        )
+
+    try:
+        files = tuple(ManifestFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"])
+        return Manifest(
+            job_id=str(data["job_id"]),
+            checkpoint=int(data["checkpoint"]),
+            parent=None if data.get("parent") is None else int(data["parent"]),
+            runtime=str(data["runtime"]),
+            criu_version=str(data["criu_version"]),
+            created_at=float(data["created_at"]),
+            job_files={str(k): int(v) for k, v in data.get("job_files", {}).items()},
+            files=files,
+            format_version=version,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CorruptCheckpointError(f"manifest {where} is missing or has an invalid field: {error!r}") from error
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """Return the size and sha256 hex digest of a file."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as image_file:
+        while True:
+            block = image_file.read(HASH_BLOCK_BYTES)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalCheckpointStore:
+    """Checkpoint images in a local directory."""
+
+    def __init__(self, root: Path, fsync: bool = True, hash_threads: int = 4) -> None:
+        self.root = root
+        self.fsync = fsync
+        self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="checkpoint-hash")
+        root.mkdir(parents=True, exist_ok=True)
+
+    def location(self, job_id: str, number: int) -> Path:
+        return self.root / job_id / str(number)
+
+    def begin(self, job_id: str, number: int) -> Path:
+        """Create an empty staging directory for checkpoint `number`, replacing a stale one."""
+        staging = self.root / job_id / f"{number}.partial"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        return staging
+
+    def commit(self, staging: Path, *, job_id: str, number: int, parent: int | None, runtime: str, criu_version: str, job_files: dict[str, int]) -> Manifest:
+        """Hash the staged image, write its manifest last, and move it into place."""
+        image_paths = sorted(p for p in staging.iterdir() if p.is_file() and p.name not in NOT_IMAGE_FILES)
+        hashed = list(self._pool.map(hash_file, image_paths))
+        if self.fsync:
+            list(self._pool.map(fsync_path, image_paths))
+
+        manifest = Manifest(
+            job_id=job_id,
+            checkpoint=number,
+            parent=parent,
+            runtime=runtime,
+            criu_version=criu_version,
+            created_at=time.time(),
+            job_files=job_files,
+            files=tuple(ManifestFile(p.name, size, digest) for p, (size, digest) in zip(image_paths, hashed)),
+        )
+        self._write_manifest(staging, manifest)
+
+        final = self.location(job_id, number)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        if self.fsync:
+            fsync_path(final.parent)
+        return manifest
+
+    def _write_manifest(self, directory: Path, manifest: Manifest) -> None:
+        temporary = directory / (MANIFEST_NAME + ".tmp")
+        with open(temporary, "w") as manifest_file:
+            json.dump(manifest.to_json(), manifest_file, indent=1)
+            manifest_file.flush()
+            if self.fsync:
+                os.fsync(manifest_file.fileno())
+        os.rename(temporary, directory / MANIFEST_NAME)
+        if self.fsync:
+            fsync_path(directory)
+
+    def read_manifest(self, job_id: str, number: int) -> Manifest:
+        path = self.location(job_id, number) / MANIFEST_NAME
+        where = f"of job {job_id} checkpoint {number}"
+        try:
+            text = path.read_text()
+        except FileNotFoundError as error:
+            raise CorruptCheckpointError(f"checkpoint {number} of job {job_id} has no manifest at {path}; it was never completed") from error
+        manifest = parse_manifest(text, where)
+        if manifest.job_id != job_id or manifest.checkpoint != number:
+            raise CorruptCheckpointError(
+                f"manifest {where} belongs to job {manifest.job_id} checkpoint {manifest.checkpoint}; the store directory was altered"
+            )
+        return manifest
+
+    def verify(self, job_id: str, number: int) -> Manifest:
+        """Check every image file against the manifest; raise CorruptCheckpointError naming the first bad file."""
+        manifest = self.read_manifest(job_id, number)
+        directory = self.location(job_id, number)
+        paths = [directory / entry.path for entry in manifest.files]
+
+        for entry, path in zip(manifest.files, paths):
+            if not path.is_file():
+                raise CorruptCheckpointError(f"checkpoint {number} of job {job_id} is missing image file {entry.path}")
+            actual_size = path.stat().st_size
+            if actual_size != entry.size:
+                raise CorruptCheckpointError(
+                    f"checkpoint {number} of job {job_id}: image file {entry.path} has {actual_size} bytes, the manifest says {entry.size}"
+                )
+
+        for entry, (_, digest) in zip(manifest.files, self._pool.map(hash_file, paths)):
+            if digest != entry.sha256:
+                raise CorruptCheckpointError(f"checkpoint {number} of job {job_id}: image file {entry.path} fails its sha256 check")
+        return manifest
+
+    def delete(self, job_id: str, number: int) -> None:
+        """Delete one checkpoint: its manifest first, so a crash midway leaves no valid-looking remains."""
+        directory = self.location(job_id, number)
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def delete_job(self, job_id: str) -> None:
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+    def remove_partial(self) -> list[Path]:
+        """Delete staging directories left by a crash; return what was removed."""
+        removed = []
+        for staging in self.root.glob("*/*.partial"):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+        return removed
+
+    def size_on_disk(self, job_id: str, number: int) -> int:
+        directory = self.location(job_id, number)
+        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())

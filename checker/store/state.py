@@ -1,0 +1,434 @@
+"""The state store: job definitions, jobs, checkpoints and events, via SQLAlchemy Core.
+
+SQLite in WAL mode is the default, embedded and zero-setup; a PostgreSQL URL
+works with the same schema. Every method commits before it returns, so a state
+change is durable before the server acknowledges it to anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from checker.store.migrations import migrate
+
+
+class JSONText(TypeDecorator):
+    """JSON stored as TEXT, identical on SQLite and PostgreSQL."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(value, separators=(",", ":"))
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+metadata = MetaData()
+
+job_definitions = Table(
+    "job_definitions",
+    metadata,
+    Column("name", String, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("runtime_type", String, nullable=False),
+    Column("runtime_config", JSONText, nullable=False),
+    Column("metadata", JSONText, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String, nullable=False, unique=True),
+    Column("definition_name", String, nullable=False),
+    Column("definition_version", Integer, nullable=False),
+    Column("runtime_type", String, nullable=False),
+    Column("runtime_config", JSONText, nullable=False),
+    Column("state", String, nullable=False),
+    Column("params", JSONText, nullable=False),
+    Column("env", JSONText, nullable=False),
+    Column("metadata", JSONText, nullable=False),
+    Column("idempotency_key", String),
+    Column("request_digest", String),
+    Column("token_hash", String, nullable=False),
+    Column("pid", Integer),
+    Column("pid_start_time", Integer),
+    Column("last_checkpoint", Integer),
+    Column("checkpoint_count", Integer, nullable=False),
+    Column("restore_count", Integer, nullable=False),
+    Column("restart_count", Integer, nullable=False),
+    Column("failed_restores", Integer, nullable=False),
+    Column("output", JSONText),
+    Column("output_reported", Integer, nullable=False),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("error_code", String),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("updated_at", Float, nullable=False),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("job_id", String, primary_key=True),
+    Column("number", Integer, primary_key=True),
+    Column("mode", String, nullable=False),
+    Column("location", Text, nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+    Column("dump_seconds", Float, nullable=False),
+    Column("total_seconds", Float, nullable=False),
+    Column("status", String, nullable=False),
+    Column("criu_version", String, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+checkpoint_tokens = Table(
+    "checkpoint_tokens",
+    metadata,
+    Column("job_id", String, primary_key=True),
+    Column("token", String, primary_key=True),
+    Column("checkpoint_number", Integer, nullable=False),
+    Column("restore_count", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("data", JSONText, nullable=False),
+)
+
+
+class JobState:
+    """Job states. `checkpointing` is an operation on a running job, not a state."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUSPENDED = "suspended"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    ALL = (PENDING, RUNNING, SUSPENDED, COMPLETED, FAILED)
+    TERMINAL = (COMPLETED, FAILED)
+
+
+class CheckpointStatus:
+    VALID = "valid"
+    CORRUPT = "corrupt"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class DefinitionRecord:
+    name: str
+    version: int
+    runtime_type: str
+    runtime_config: dict
+    metadata: dict
+    created_at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    seq: int
+    id: str
+    definition_name: str
+    definition_version: int
+    runtime_type: str
+    runtime_config: dict
+    state: str
+    params: dict
+    env: dict
+    metadata: dict
+    idempotency_key: str | None
+    request_digest: str | None
+    token_hash: str
+    pid: int | None
+    pid_start_time: int | None
+    last_checkpoint: int | None
+    checkpoint_count: int
+    restore_count: int
+    restart_count: int
+    failed_restores: int
+    output: Any
+    output_reported: int
+    exit_code: int | None
+    error: str | None
+    error_code: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in JobState.TERMINAL
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    job_id: str
+    number: int
+    mode: str
+    location: str
+    size_bytes: int
+    dump_seconds: float
+    total_seconds: float
+    status: str
+    criu_version: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    job_id: str
+    token: str
+    checkpoint_number: int
+    restore_count: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    seq: int
+    job_id: str
+    created_at: float
+    kind: str
+    message: str
+    data: dict
+
+
+class DuplicateIdempotencyKey(Exception):
+    """Another job was spawned with the same idempotency key."""
+
+
+def _enable_sqlite_durability(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a transaction is on disk when COMMIT returns, also across power loss.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def sqlite_url(state_dir: Path) -> str:
+    return f"sqlite:///{state_dir / 'state.db'}"
+
+
+class StateStore:
+    """All reads and writes of Checker's durable state."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _enable_sqlite_durability)
+        with self.engine.begin() as connection:
+            self.applied_migrations = migrate(connection)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Job definitions
+
+    def create_definition(self, name: str, runtime_type: str, runtime_config: dict, definition_metadata: dict) -> DefinitionRecord:
+        """Insert the next version of definition `name` (1 for a new name)."""
+        with self.engine.begin() as connection:
+            latest = connection.execute(select(func.max(job_definitions.c.version)).where(job_definitions.c.name == name)).scalar()
+            record = DefinitionRecord(name, (latest or 0) + 1, runtime_type, runtime_config, definition_metadata, time.time())
+            connection.execute(insert(job_definitions).values(**record.__dict__))
+        return record
+
+    def get_definition(self, name: str, version: int | None) -> DefinitionRecord | None:
+        """Return one version of a definition, or its latest version when `version` is None."""
+        query = select(job_definitions).where(job_definitions.c.name == name)
+        if version is None:
+            query = query.order_by(job_definitions.c.version.desc()).limit(1)
+        else:
+            query = query.where(job_definitions.c.version == version)
+        with self.engine.connect() as connection:
+            row = connection.execute(query).mappings().first()
+        return None if row is None else DefinitionRecord(**row)
+
+    def list_definitions(self, name: str | None = None) -> list[DefinitionRecord]:
+        query = select(job_definitions).order_by(job_definitions.c.name, job_definitions.c.version)
+        if name is not None:
+            query = query.where(job_definitions.c.name == name)
+        with self.engine.connect() as connection:
+            return [DefinitionRecord(**row) for row in connection.execute(query).mappings()]
+
+    def delete_definition(self, name: str, version: int | None) -> int:
+        """Delete one version, or every version when `version` is None; return how many rows went."""
+        statement = delete(job_definitions).where(job_definitions.c.name == name)
+        if version is not None:
+            statement = statement.where(job_definitions.c.version == version)
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount
+
+    # Jobs
+
+    def insert_job(self, values: dict[str, Any], event_message: str) -> JobRecord:
+        """Insert a new job and its `created` event; raise DuplicateIdempotencyKey on a reused key."""
+        now = time.time()
+        row = {
+            "checkpoint_count": 0,
+            "restore_count": 0,
+            "restart_count": 0,
+            "failed_restores": 0,
+            "output_reported": 0,
+            "created_at": now,
+            "updated_at": now,
+            **values,
+        }
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(jobs).values(**row))
+                self._insert_event(connection, row["id"], "created", event_message, {})
+        except IntegrityError as error:
+            if values.get("idempotency_key") and self.find_job_by_idempotency_key(values["idempotency_key"]):
+                raise DuplicateIdempotencyKey(values["idempotency_key"]) from error
+            raise
+        job = self.get_job(row["id"])
+        assert job is not None
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return None if row is None else JobRecord(**row)
+
+    def job_id_for_token_hash(self, token_hash: str) -> str | None:
+        with self.engine.connect() as connection:
+            return connection.execute(select(jobs.c.id).where(jobs.c.token_hash == token_hash)).scalar()
+
+    def find_job_by_idempotency_key(self, key: str) -> JobRecord | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(jobs).where(jobs.c.idempotency_key == key)).mappings().first()
+        return None if row is None else JobRecord(**row)
+
+    def list_jobs(self, states: Sequence[str] | None = None, after_seq: int | None = None, limit: int = 100) -> list[JobRecord]:
+        """Return jobs in creation order, after the cursor `after_seq`."""
+        query = select(jobs).order_by(jobs.c.seq).limit(limit)
+        if states:
+            query = query.where(jobs.c.state.in_(list(states)))
+        if after_seq is not None:
+            query = query.where(jobs.c.seq > after_seq)
+        with self.engine.connect() as connection:
+            return [JobRecord(**row) for row in connection.execute(query).mappings()]
+
+    def update_job(self, job_id: str, event: tuple[str, str, dict] | None = None, **values: Any) -> JobRecord:
+        """Update fields of a job and optionally add an event (kind, message, data), in one transaction."""
+        values["updated_at"] = time.time()
+        with self.engine.begin() as connection:
+            connection.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+            if event is not None:
+                self._insert_event(connection, job_id, *event)
+        job = self.get_job(job_id)
+        assert job is not None
+        return job
+
+    # Checkpoints
+
+    def record_checkpoint(self, checkpoint: CheckpointRecord, tokens: Iterable[str], restore_count: int, event_message: str, stop: bool) -> JobRecord:
+        """Store a completed checkpoint, the tokens it answers, and the job's new counters, atomically."""
+        now = time.time()
+        with self.engine.begin() as connection:
+            connection.execute(insert(checkpoints).values(**checkpoint.__dict__))
+            for token in tokens:
+                connection.execute(
+                    insert(checkpoint_tokens).values(
+                        job_id=checkpoint.job_id, token=token, checkpoint_number=checkpoint.number, restore_count=restore_count, created_at=now
+                    )
+                )
+            values: dict[str, Any] = {
+                "last_checkpoint": checkpoint.number,
+                "checkpoint_count": jobs.c.checkpoint_count + 1,
+                "failed_restores": 0,
+                "updated_at": now,
+            }
+            connection.execute(update(jobs).where(jobs.c.id == checkpoint.job_id).values(**values))
+            data = {"checkpoint": checkpoint.number, "size_bytes": checkpoint.size_bytes, "dump_seconds": checkpoint.dump_seconds, "stop": stop}
+            self._insert_event(connection, checkpoint.job_id, "checkpoint", event_message, data)
+        job = self.get_job(checkpoint.job_id)
+        assert job is not None
+        return job
+
+    def list_checkpoints(self, job_id: str, statuses: Sequence[str] | None = None) -> list[CheckpointRecord]:
+        query = select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.number)
+        if statuses:
+            query = query.where(checkpoints.c.status.in_(list(statuses)))
+        with self.engine.connect() as connection:
+            return [CheckpointRecord(**row) for row in connection.execute(query).mappings()]
+
+    def max_checkpoint_number(self, job_id: str) -> int:
+        with self.engine.connect() as connection:
+            return connection.execute(select(func.max(checkpoints.c.number)).where(checkpoints.c.job_id == job_id)).scalar() or 0
+
+    def set_checkpoint_status(self, job_id: str, number: int, status: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(checkpoints).where(checkpoints.c.job_id == job_id, checkpoints.c.number == number).values(status=status)
+            )
+
+    def get_token(self, job_id: str, token: str) -> TokenRecord | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(checkpoint_tokens).where(checkpoint_tokens.c.job_id == job_id, checkpoint_tokens.c.token == token)
+            ).mappings().first()
+        return None if row is None else TokenRecord(**row)
+
+    # Events
+
+    def add_event(self, job_id: str, kind: str, message: str, data: dict | None = None) -> None:
+        with self.engine.begin() as connection:
+            self._insert_event(connection, job_id, kind, message, data or {})
+
+    def list_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[EventRecord]:
+        query = (
+            select(job_events)
+            .where(job_events.c.job_id == job_id, job_events.c.seq > after_seq)
+            .order_by(job_events.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [EventRecord(**row) for row in connection.execute(query).mappings()]
+
+    @staticmethod
+    def _insert_event(connection: Any, job_id: str, kind: str, message: str, data: dict) -> None:
+        connection.execute(insert(job_events).values(job_id=job_id, created_at=time.time(), kind=kind, message=message, data=data))
