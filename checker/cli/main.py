@@ -28,6 +28,8 @@ class CLIError(Exception):
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # One line per HTTP request would drown the job's own output.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def parse_assignments(pairs: list[str], option: str) -> dict[str, str]:
@@ -152,29 +154,73 @@ def command_run(args: argparse.Namespace) -> int:
     return 0 if final["state"] == "completed" else 1
 
 
-def follow_job(client: CallerClient, job_id: str, quiet: bool = False, poll_seconds: float = 0.2) -> dict:
-    """Print the job's output and progress events until it finishes; return the final job."""
-    offsets = {"stdout": 0, "stderr": 0}
-    last_event = 0
+def follow_job(client: CallerClient, job_id: str, quiet: bool = False, poll_seconds: float = 0.2, unreachable_seconds: float = 600.0) -> dict:
+    """Print the job's output and progress events until it finishes; return the final job.
+
+    While the server is unreachable (restarting, say) this keeps trying for
+    `unreachable_seconds`: the job itself goes on running meanwhile.
+    """
+    follower = JobFollower(client, job_id, quiet)
+    unreachable_since: float | None = None
     while True:
-        job = client.get_job(job_id)
-        for stream, target in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-            while True:
-                chunk = client.logs(job_id, stream, offsets[stream])
-                if not chunk["data"]:
-                    break
-                target.write(chunk["data"])
-                target.flush()
-                offsets[stream] = chunk["next_offset"]
-
-        for event in client.events(job_id, after=last_event):
-            last_event = event["seq"]
-            if not quiet and event["kind"] in PROGRESS_EVENTS:
-                print(f"checker: {event['message']}", file=sys.stderr)
-
+        try:
+            job = follower.poll()
+        except APIError as error:
+            if error.status is not None:
+                raise
+            now = time.monotonic()
+            if unreachable_since is None:
+                unreachable_since = now
+                print(f"checker: server unreachable; retrying for up to {unreachable_seconds:.0f} s ({error})", file=sys.stderr)
+            elif now - unreachable_since > unreachable_seconds:
+                raise
+            time.sleep(1.0)
+            continue
+        if unreachable_since is not None:
+            print("checker: server reachable again", file=sys.stderr)
+            unreachable_since = None
         if job["state"] in TERMINAL_STATES:
             return job
         time.sleep(poll_seconds)
+
+
+class JobFollower:
+    """Copies a job's new output and progress events to this terminal."""
+
+    def __init__(self, client: CallerClient, job_id: str, quiet: bool) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.quiet = quiet
+        self.offsets = {"stdout": 0, "stderr": 0}
+        self.last_event = 0
+
+    def poll(self) -> dict:
+        job = self.client.get_job(self.job_id)
+        self._print_events()
+        for stream, target in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+            self._print_output(stream, target)
+        return job
+
+    def _print_events(self) -> None:
+        for event in self.client.events(self.job_id, after=self.last_event):
+            self.last_event = event["seq"]
+            if event["kind"] == "restored":
+                # The server cut the logs back to their size at the checkpoint;
+                # the restored copy writes its output from there.
+                for stream, size in event["data"].get("log_sizes", {}).items():
+                    if stream in self.offsets:
+                        self.offsets[stream] = min(self.offsets[stream], size)
+            if not self.quiet and event["kind"] in PROGRESS_EVENTS:
+                print(f"checker: {event['message']}", file=sys.stderr)
+
+    def _print_output(self, stream: str, target: Any) -> None:
+        while True:
+            chunk = self.client.logs(self.job_id, stream, self.offsets[stream])
+            if not chunk["data"]:
+                return
+            target.write(chunk["data"])
+            target.flush()
+            self.offsets[stream] = chunk["next_offset"]
 
 
 # checker jobs / logs

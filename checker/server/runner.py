@@ -455,7 +455,11 @@ class JobRunner:
         message = f"job {self.job_id} restored from checkpoint {checkpoint.number} (restore {restore_number}) in {seconds:.3f} s because {reason}"
         self.job = self.context.state.update_job(
             self.job_id,
-            event=("restored", message, {"checkpoint": checkpoint.number, "restore": restore_number, "seconds": seconds, "pid": self.process.pid}),
+            event=(
+                "restored",
+                message,
+                {"checkpoint": checkpoint.number, "restore": restore_number, "seconds": seconds, "pid": self.process.pid, "log_sizes": manifest.job_files},
+            ),
             state=JobState.RUNNING,
             pid=self.process.pid,
             pid_start_time=self.process.start_time,

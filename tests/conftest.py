@@ -1,0 +1,160 @@
+"""Shared fixtures: a real `checker server` process on loopback, and job scripts.
+
+Every test here runs real processes under real CRIU. A server is started per
+test in its own state directory, so tests never share jobs or checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from checker.cli.client import CallerClient
+from checker.runtimes.criu import CriuNotFoundError, find_criu
+from checker.runtimes.procfs import ProcessIdentity, is_alive
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() != 0:
+        pytest.exit("the tests run real CRIU dumps and PID namespaces, which need root", returncode=2)
+    try:
+        find_criu()
+    except CriuNotFoundError as error:
+        pytest.exit(f"{error}", returncode=2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll `condition` until it returns a truthy value; fail the test naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class ServerProcess:
+    """A `checker server` subprocess that tests can SIGKILL and start again."""
+
+    state_dir: Path
+    port: int
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "checker", "server", "--port", str(self.port), "--state-dir", str(self.state_dir), *self.extra_args]
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+        log.close()
+        client = CallerClient(self.url)
+        try:
+            wait_until(lambda: client.is_up() or self.process.poll() is not None, 30, "the server to start")
+        finally:
+            client.close()
+        if self.process.poll() is not None:
+            pytest.fail(f"the server exited with {self.process.returncode}; its log:\n{self.log_path.read_text()}")
+
+    def sigkill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> ServerProcess:
+    handle = ServerProcess(state_dir=tmp_path / "state", port=free_port(), log_path=tmp_path / "server.log")
+    handle.start()
+    yield handle
+    kill_jobs_of(handle)
+    handle.stop()
+
+
+def kill_jobs_of(handle: ServerProcess) -> None:
+    """Kill every job process the test left, by the PIDs the state store recorded."""
+    from checker.store.state import StateStore, sqlite_url
+
+    database = handle.state_dir / "state.db"
+    if not database.exists():
+        return
+    state = StateStore(sqlite_url(handle.state_dir))
+    try:
+        for job in state.list_jobs(limit=100_000):
+            if job.pid is not None and job.pid_start_time is not None and is_alive(ProcessIdentity(job.pid, job.pid_start_time)):
+                os.kill(job.pid, signal.SIGKILL)
+    finally:
+        state.close()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> CallerClient:
+    with CallerClient(server.url) as caller:
+        yield caller
+
+
+@pytest.fixture
+def job_script(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write a job script from dedented source; return its path."""
+
+    def write(name: str, source: str) -> Path:
+        path = tmp_path / "scripts" / f"{name}.py"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+        return path
+
+    return write
+
+
+def spawn_script(client: CallerClient, script: Path, params: dict | None = None, name: str | None = None) -> dict:
+    definition = client.create_definition(name or script.stem, [sys.executable, str(script)])
+    return client.spawn(definition["name"], params=params or {}, version=definition["version"])
+
+
+def wait_for_state(client: CallerClient, job_id: str, states: tuple[str, ...], timeout: float = 60) -> dict:
+    return wait_until(lambda: (job := client.get_job(job_id))["state"] in states and job, timeout, f"job {job_id} to reach {states}")
+
+
+def wait_for_checkpoints(client: CallerClient, job_id: str, count: int, timeout: float = 60) -> dict:
+    return wait_until(
+        lambda: (job := client.get_job(job_id))["checkpoint_count"] >= count and job, timeout, f"job {job_id} to take {count} checkpoint(s)"
+    )
+
+
+def event_kinds(client: CallerClient, job_id: str) -> list[str]:
+    return [event["kind"] for event in client.events(job_id)]
