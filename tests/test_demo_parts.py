@@ -61,7 +61,7 @@ def aggregate_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     return aggregate.to_dict()
 
 
-def test_document_is_valid_json_with_expected_aggregate() -> None:
+def test_document_parses_to_expected_aggregate() -> None:
     target_bytes = 2_000_000
     expected = CityAggregate()
     document = b"".join(iter_document_chunks(target_bytes, expected, chunk_bytes=64 * 1024))

@@ -8,7 +8,8 @@ Layout of a running job, as seen from the host::
 
 Own PID namespace: a restored job gets back the PIDs it had, which would clash
 with any process (even a zombie) using them; in a fresh namespace they are free,
-so the same image can be restored several times at once. The namespace init is
+so the same image can be restored several times at once (its copies share the
+job's log and exit-status paths, which are part of the image). The namespace init is
 the root of every dump. After `criu restore -d` the restored init is re-parented
 to the nearest child subreaper, which is the server.
 """

@@ -1,0 +1,121 @@
+"""The process runtime used directly, the SDK outside Checker, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from checker.runtimes.base import JobFiles, LaunchSpec
+from checker.runtimes.criu import find_criu
+from checker.runtimes.process import ProcessRuntime
+from checker.runtimes.procfs import become_child_subreaper
+
+from conftest import REPO_ROOT, free_port
+
+COUNTER_JOB = """
+import os, sys, time
+value = int.from_bytes(os.urandom(4), "big")
+print(value, flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+print(value + 1, flush=True)
+"""
+
+
+def test_same_image_restores_twice_at_once(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[int], list[str], int]:
+        become_child_subreaper()
+        runtime = ProcessRuntime(find_criu())
+        gate = tmp_path / "gate"
+        files = JobFiles.under(tmp_path / "job")
+        files.work_dir.mkdir(parents=True)
+        (files.work_dir / "job.py").write_text(COUNTER_JOB)
+        spec = LaunchSpec("twice", [sys.executable, "job.py", str(gate)], {"PATH": os.environ["PATH"]}, files)
+
+        original = await runtime.start(spec)
+        for _ in range(200):
+            if files.stdout_path.exists() and files.stdout_path.read_text().endswith("\n"):
+                break
+            await asyncio.sleep(0.02)
+        value = int(files.stdout_path.read_text())
+        image = tmp_path / "image"
+        image.mkdir()
+        await runtime.checkpoint(spec, original, image, leave_running=False, context="test dump")
+        await runtime.wait(spec, original)
+
+        # Both copies share the job's files: the paths are part of the image.
+        copies = [await runtime.restore(spec, image, context=f"restore {index}") for index in range(2)]
+        gate.touch()
+        statuses = [await runtime.wait(spec, process) for process in copies]
+        return [process.pid for process in copies], [s.exit_code for s in statuses], value
+
+    pids, exit_codes, value = asyncio.run(scenario())
+    assert pids[0] != pids[1]
+    assert exit_codes == [0, 0]
+    lines = (tmp_path / "job" / "stdout.log").read_text().split()
+    assert lines.count(str(value + 1)) == 2
+
+
+def test_sdk_standalone_mode(tmp_path: Path) -> None:
+    script = tmp_path / "standalone.py"
+    script.write_text(textwrap.dedent("""
+        import checker
+        result = checker.checkpoint()
+        print(result.standalone, result.restored, result.number)
+        checker.exit({"params": checker.params()})
+    """))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CHECKER_")}
+    env["CHECKER_PARAMS"] = json.dumps({"size": 3})
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    first, second = completed.stdout.splitlines()
+    assert first == "True False None"
+    assert json.loads(second) == {"params": {"size": 3}}
+
+
+def test_cli_run_embedded_server(tmp_path: Path) -> None:
+    env = {**os.environ, "CHECKER_STATE_DIR": str(tmp_path / "state"), "CHECKER_SERVER_URL": f"http://127.0.0.1:{free_port()}"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "checker", "--log-level", "WARNING", "run", str(REPO_ROOT / "examples" / "count.py"), "--param", "steps=3"],
+        capture_output=True, text=True, env=env, timeout=120, cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "step 3: total 6, checkpoint 3" in completed.stdout
+    result = json.loads(completed.stdout[completed.stdout.index("{"):])
+    assert result["state"] == "completed"
+    assert result["output"] == {"steps": 3, "total": 6}
+    assert "checkpoint 3 of job" in completed.stderr
+
+
+def test_cli_run_rejects_missing_file(tmp_path: Path) -> None:
+    completed = subprocess.run([sys.executable, "-m", "checker", "run", str(tmp_path / "nope.py")], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1
+    assert "nope.py not found" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_cli_run_rejects_bad_param(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "checker", "run", str(REPO_ROOT / "examples" / "count.py"), "--param", "novalue"], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 1
+    assert "--param 'novalue' is invalid" in completed.stderr
+
+
+def test_doctor_passes_here() -> None:
+    completed = subprocess.run([sys.executable, "-m", "checker", "doctor"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "[ok  ] self-test" in completed.stdout
+    assert "[ok  ] criu check" in completed.stdout
+
+
+def test_doctor_fails_without_criu(tmp_path: Path) -> None:
+    completed = subprocess.run([sys.executable, "-m", "checker", "doctor", "--criu", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1
+    assert "[FAIL] CRIU" in completed.stdout
+    assert "required check(s) failed" in completed.stderr
