@@ -107,10 +107,18 @@ def test_spawn_rejects_invalid_request(http, body, status, fragment) -> None:
         ("/v1/jobs/nope", {}, 404, "nope"),
         ("/v1/jobs/nope/checkpoints", {}, 404, "nope"),
         ("/v1/jobs/nope/result", {"wait": -1}, 422, "wait"),
+        ("/v1/jobs/nope/events", {"after": -1}, 422, "after"),
+        ("/v1/jobs/nope/logs", {"offset": -5}, 422, "offset"),
+        ("/v1/job-definitions/nope", {}, 404, "nope"),
+        ("/v1/job-definitions/nope", {"version": 0}, 422, "version"),
     ],
 )
 def test_job_queries_reject_invalid_input(http, path, params, status, fragment) -> None:
     assert_rejected(http.get(path, params=params), status, fragment)
+
+
+def test_kill_of_unknown_job_is_404(http) -> None:
+    assert_rejected(http.post("/v1/jobs/nope/kill"), 404, "nope")
 
 
 def test_logs_reject_unknown_stream(client, http, job_script) -> None:

@@ -20,7 +20,6 @@ def write_checkpoint(store: LocalCheckpointStore, number: int = 1) -> Path:
     staging = store.begin("job1", number)
     (staging / "pages-1.img").write_bytes(bytes(range(256)) * 1000)
     (staging / "core-1.img").write_bytes(b"core image")
-    (staging / "criu-dump.log").write_text("log, not part of the image")
     store.commit(staging, job_id="job1", number=number, parent=None, runtime="process", criu_version="4.2.1", job_files={"stdout": 5, "stderr": 0})
     return store.location("job1", number)
 

@@ -229,3 +229,52 @@ def test_kill_running_job(client, server, job_script, tmp_path: Path) -> None:
     assert killed["state"] == "failed"
     assert killed["error_code"] == "killed"
     wait_until(lambda: not Path(f"/proc/{running['pid']}").exists(), 10, "the job's process to disappear")
+
+
+def test_asyncio_sdk_checkpoint_and_restore(client, server, job_script, tmp_path: Path) -> None:
+    source = """
+        import asyncio, os
+        from checker.sdk import aio
+
+        async def main():
+            params = await aio.params()
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            task = asyncio.create_task(ticker())
+            result = await aio.checkpoint()
+            while not os.path.exists(params["gate"]):
+                await asyncio.sleep(0.02)
+            task.cancel()
+            await aio.exit({"restored": result.restored, "checkpoint": result.number, "ticked": ticks > 0})
+
+        asyncio.run(main())
+    """
+    gate = tmp_path / "gate"
+    job = spawn_script(client, job_script("asyncjob", source), {"gate": str(gate)})
+    running = wait_for_checkpoints(client, job["id"], 1)
+
+    os.kill(running["pid"], signal.SIGKILL)
+    wait_until(lambda: client.get_job(job["id"])["restore_count"] == 1, 30, "the restore")
+    gate.touch()
+
+    output = client.result(job["id"], wait=30)["output"]
+    assert output == {"restored": True, "checkpoint": 1, "ticked": True}
+
+
+def test_criu_logs_kept_per_operation(client, server, job_script, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    job = spawn_script(client, job_script("gated", GATED_JOB), {"gate": str(gate)})
+    running = wait_for_checkpoints(client, job["id"], 1)
+    os.kill(running["pid"], signal.SIGKILL)
+    wait_until(lambda: client.get_job(job["id"])["restore_count"] == 1, 30, "the restore")
+    gate.touch()
+    client.result(job["id"], wait=30)
+
+    logs = sorted(p.name for p in (server.state_dir / "jobs" / job["id"] / "criu").iterdir())
+    assert logs == ["dump-1.log", "restore-1-from-1.log"]

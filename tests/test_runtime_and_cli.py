@@ -45,11 +45,11 @@ def test_same_image_restores_twice_at_once(tmp_path: Path) -> None:
         value = int(files.stdout_path.read_text())
         image = tmp_path / "image"
         image.mkdir()
-        await runtime.checkpoint(spec, original, image, leave_running=False, context="test dump")
+        await runtime.checkpoint(spec, original, image, leave_running=False, log_path=tmp_path / "dump.log", context="test dump")
         await runtime.wait(spec, original)
 
         # Both copies share the job's files: the paths are part of the image.
-        copies = [await runtime.restore(spec, image, context=f"restore {index}") for index in range(2)]
+        copies = [await runtime.restore(spec, image, log_path=tmp_path / f"restore-{index}.log", context=f"restore {index}") for index in range(2)]
         gate.touch()
         statuses = [await runtime.wait(spec, process) for process in copies]
         return [process.pid for process in copies], [s.exit_code for s in statuses], value
@@ -119,3 +119,49 @@ def test_doctor_fails_without_criu(tmp_path: Path) -> None:
     assert completed.returncode == 1
     assert "[FAIL] CRIU" in completed.stdout
     assert "required check(s) failed" in completed.stderr
+
+
+def run_cli(*arguments: str, server_url: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "checker", *arguments, "--server", server_url], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def test_cli_jobs_list_show_logs_kill(server, client, job_script, tmp_path: Path) -> None:
+    from conftest import spawn_script, wait_for_checkpoints
+
+    source = """
+        import os, time
+        import checker
+        print("output line", flush=True)
+        checker.checkpoint()
+        while True:
+            time.sleep(0.1)
+    """
+    job = spawn_script(client, job_script("cli", source))
+    wait_for_checkpoints(client, job["id"], 1)
+
+    listed = run_cli("jobs", "list", "--state", "running", server_url=server.url)
+    assert listed.returncode == 0, listed.stderr
+    assert job["id"] in listed.stdout
+
+    shown = run_cli("jobs", "show", job["id"], server_url=server.url)
+    assert shown.returncode == 0, shown.stderr
+    assert "checkpoint 1 of job" in shown.stdout
+    assert '"state": "running"' in shown.stdout
+
+    logs = run_cli("logs", job["id"], server_url=server.url)
+    assert logs.stdout == "output line\n"
+
+    killed = run_cli("jobs", "kill", job["id"], server_url=server.url)
+    assert killed.returncode == 0, killed.stderr
+    assert "failed: killed on request" in killed.stdout
+
+    followed = run_cli("logs", job["id"], "--follow", server_url=server.url)
+    assert followed.returncode == 0
+    assert followed.stdout == "output line\n"
+
+
+def test_cli_reports_unknown_job(server) -> None:
+    shown = run_cli("jobs", "show", "nope", server_url=server.url)
+    assert shown.returncode == 1
+    assert "job 'nope' not found" in shown.stderr
+    assert "Traceback" not in shown.stderr

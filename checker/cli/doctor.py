@@ -126,13 +126,13 @@ async def self_test(criu: Criu) -> CheckResult:
         image_dir = work_root / "image"
         image_dir.mkdir()
         started = time.monotonic()
-        await runtime.checkpoint(spec, process, image_dir, leave_running=True, context="self-test dump")
+        await runtime.checkpoint(spec, process, image_dir, leave_running=True, log_path=work_root / "dump.log", context="self-test dump")
         dump_seconds = time.monotonic() - started
         await runtime.kill(process)
         await runtime.wait(spec, process)
 
         started = time.monotonic()
-        restored = await runtime.restore(spec, image_dir, context="self-test restore")
+        restored = await runtime.restore(spec, image_dir, log_path=work_root / "restore.log", context="self-test restore")
         restore_seconds = time.monotonic() - started
         (files.work_dir / "go").touch()
         status = await asyncio.wait_for(runtime.wait(spec, restored), 10)

@@ -102,11 +102,14 @@ class Runtime(ABC):
         """Start the job from the beginning."""
 
     @abstractmethod
-    async def checkpoint(self, spec: LaunchSpec, process: ProcessIdentity, image_dir: Path, *, leave_running: bool, context: str) -> None:
-        """Write the job's image to `image_dir`; stop the job unless `leave_running`."""
+    async def checkpoint(self, spec: LaunchSpec, process: ProcessIdentity, image_dir: Path, *, leave_running: bool, log_path: Path, context: str) -> None:
+        """Write the job's image to `image_dir`; stop the job unless `leave_running`.
+
+        CRIU's log goes to `log_path`; `context` names the job and checkpoint in errors.
+        """
 
     @abstractmethod
-    async def restore(self, spec: LaunchSpec, image_dir: Path, *, context: str) -> ProcessIdentity:
+    async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str) -> ProcessIdentity:
         """Start a copy of the job from the image in `image_dir`, detached."""
 
     @abstractmethod

@@ -109,21 +109,22 @@ class ProcessRuntime(Runtime):
         launcher.kill()
         raise CheckerError(ErrorCode.START_FAILED, f"start of job {spec.job_id} failed: no namespace init after {START_TIMEOUT_SECONDS:.0f} s")
 
-    async def checkpoint(self, spec: LaunchSpec, process: ProcessIdentity, image_dir: Path, *, leave_running: bool, context: str) -> None:
+    async def checkpoint(self, spec: LaunchSpec, process: ProcessIdentity, image_dir: Path, *, leave_running: bool, log_path: Path, context: str) -> None:
         arguments = ["dump", "--tree", str(process.pid), "--images-dir", str(image_dir), *DUMP_OPTIONS]
         if leave_running:
             arguments.append("--leave-running")
-        await run_criu(self.criu, arguments, image_dir / "criu-dump.log", ErrorCode.CHECKPOINT_FAILED, context)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        await run_criu(self.criu, arguments, log_path, ErrorCode.CHECKPOINT_FAILED, context)
 
-    async def restore(self, spec: LaunchSpec, image_dir: Path, *, context: str) -> ProcessIdentity:
+    async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str) -> ProcessIdentity:
         spec.files.work_dir.mkdir(parents=True, exist_ok=True)
         spec.files.exit_status_path.unlink(missing_ok=True)
 
-        restore_log = spec.files.job_dir / "criu-restore.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         pid_file = spec.files.job_dir / "restored.pid"
         pid_file.unlink(missing_ok=True)
         arguments = ["restore", "--images-dir", str(image_dir), *RESTORE_OPTIONS, "--pidfile", str(pid_file)]
-        await run_criu(self.criu, arguments, restore_log, ErrorCode.RESTORE_FAILED, context)
+        await run_criu(self.criu, arguments, log_path, ErrorCode.RESTORE_FAILED, context)
 
         pid = int(pid_file.read_text().strip())
         identity = procfs.identify(pid)

@@ -22,8 +22,8 @@ class ProcessIdentity:
     """Start time in clock ticks after boot (field 22 of /proc/PID/stat)."""
 
 
-def read_start_time(pid: int) -> int | None:
-    """Return the process's start time in clock ticks, or None when it does not exist."""
+def read_stat_fields(pid: int) -> list[str] | None:
+    """Return the fields of /proc/PID/stat after the command name (field 3 on), or None when the process does not exist."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
             stat = stat_file.read().decode(errors="replace")
@@ -31,18 +31,19 @@ def read_start_time(pid: int) -> int | None:
         return None
 
     # The command name in field 2 may contain spaces and parentheses, so split after its last ')'.
-    fields_after_name = stat[stat.rindex(")") + 2 :].split()
-    return int(fields_after_name[19])
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def read_start_time(pid: int) -> int | None:
+    """Return the process's start time in clock ticks, or None when it does not exist."""
+    fields = read_stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def read_state(pid: int) -> str | None:
     """Return the one-letter process state (R, S, Z, ...), or None when it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            stat = stat_file.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat[stat.rindex(")") + 2]
+    fields = read_stat_fields(pid)
+    return None if fields is None else fields[0]
 
 
 def identify(pid: int) -> ProcessIdentity | None:

@@ -276,7 +276,9 @@ class JobRunner:
 
         started = time.monotonic()
         try:
-            await self.runtime.checkpoint(self._launch_spec(), self.process, staging, leave_running=pending.leave_running, context=context)
+            await self.runtime.checkpoint(
+                self._launch_spec(), self.process, staging, leave_running=pending.leave_running, log_path=self._criu_log(f"dump-{number}"), context=context
+            )
         except CheckerError as error:
             pending.dump_finished = True
             self._event("checkpoint_failed", error.message, checkpoint=number, criu_errors=getattr(error, "error_lines", []))
@@ -354,6 +356,10 @@ class JobRunner:
         for old in valid[: -self.context.settings.keep_checkpoints]:
             self.context.state.set_checkpoint_status(self.job_id, old.number, CheckpointStatus.DELETED)
             self.context.checkpoints.delete(self.job_id, old.number)
+
+    def _criu_log(self, name: str) -> Path:
+        """Path of one CRIU log of this job; each dump and restore keeps its own."""
+        return self.files.job_dir / "criu" / f"{name}.log"
 
     @staticmethod
     def _file_size(path: Path) -> int:
@@ -448,7 +454,8 @@ class JobRunner:
 
         context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
         image_dir = self.context.checkpoints.location(self.job_id, checkpoint.number)
-        self.process = await self.runtime.restore(self._launch_spec(), image_dir, context=context)
+        log_path = self._criu_log(f"restore-{self.job.restore_count + 1}-from-{checkpoint.number}")
+        self.process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context)
         seconds = time.monotonic() - started
 
         restore_number = self.job.restore_count + 1

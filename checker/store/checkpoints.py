@@ -3,7 +3,7 @@
 Layout under the store's root::
 
     <job id>/<number>.partial/   being written; never restored from
-    <job id>/<number>/           complete: image files, CRIU's dump log, manifest.json
+    <job id>/<number>/           complete: CRIU's image files and manifest.json
 
 A checkpoint exists only once its `manifest.json` is in place: the manifest is
 written last, atomically (temporary file, fsync, rename), and the directory is
@@ -50,7 +50,7 @@ SUPPORTED_FORMAT_VERSIONS = frozenset({1})
 HASH_BLOCK_BYTES = 4 << 20
 
 # Files in an image directory that are not part of the image itself.
-NOT_IMAGE_FILES = frozenset({MANIFEST_NAME, "criu-dump.log"})
+NOT_IMAGE_FILES = frozenset({MANIFEST_NAME, MANIFEST_NAME + ".tmp"})
 
 
 @dataclass(frozen=True)
