@@ -8,12 +8,15 @@ bench/memory_job.py three times at once:
 * standalone in the same kind of PID namespace (unshare --pid --fork with
   Checker's pidinit.py as PID 1), for raw `criu dump` and `criu restore`.
 
-Checkpoint: the job times `checker.checkpoint()` itself; the raw figure is the
-wall time of a `criu dump` process with the options Checker uses. Restore: the
-driver SIGKILLs the job's namespace init and reads the server's "restored"
-event ("seconds": sha256 verification plus `criu restore`) and the time from
-the kill until the restored copy runs again; the raw figure is the wall time of
-`criu restore`. Repetitions of the three variants are interleaved, and before
+Checkpoint: the job times `checker.checkpoint()` itself. The raw figure is the
+wall time of a `criu dump` process with the options Checker uses.
+
+Restore: the driver SIGKILLs the job's namespace init. It records the
+"seconds" of the server's "restored" event (sha256 verification plus
+`criu restore`) and the time from the kill until the restored copy runs
+again. The raw figure is the wall time of a `criu restore` process.
+
+Repetitions of the three variants are interleaved, and before
 each timed operation the driver calls sync() and waits --settle-seconds, so
 that no operation pays for the writeback of another one's dirty pages.
 
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from checker.cli.client import CallerClient
+from checker.cli.client import APIError, CallerClient
 from checker.runtimes.process import DUMP_OPTIONS, PIDINIT, RESTORE_OPTIONS
 from checker.runtimes.procfs import become_child_subreaper, list_children
 from checker.server.runner import INHERITED_ENV
@@ -69,15 +72,15 @@ class BenchError(Exception):
     """A step of the benchmark failed; the message names the step and the cause."""
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `condition` until it returns a truthy value; raise BenchError naming `what` on timeout."""
+def wait_until(condition: Callable[[], Any], timeout: float, description: str) -> Any:
+    """Poll `condition` until it returns a truthy value, or raise BenchError naming `description` on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(POLL_SECONDS)
-    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise BenchError(f"timed out after {timeout:.0f} s waiting for {description}")
 
 
 def settle(seconds: float) -> None:
@@ -122,8 +125,8 @@ def find_result(control_dir: Path, kind: str, **match: Any) -> dict[str, Any] | 
     return None
 
 
-def wait_for_result(control_dir: Path, kind: str, what: str, timeout: float = STEP_TIMEOUT_SECONDS, **match: Any) -> dict[str, Any]:
-    return wait_until(lambda: find_result(control_dir, kind, **match), timeout, what)
+def wait_for_result(control_dir: Path, kind: str, description: str, timeout: float = STEP_TIMEOUT_SECONDS, **match: Any) -> dict[str, Any]:
+    return wait_until(lambda: find_result(control_dir, kind, **match), timeout, description)
 
 
 def reap(pid: int, timeout: float) -> None:
@@ -171,7 +174,7 @@ class BenchServer:
             wait_until(lambda: client.is_up() or self.process.poll() is not None, START_TIMEOUT_SECONDS, f"server {self.name} to start")
         if self.process.poll() is not None:
             log_tail = self.log_path.read_text()[-2000:]
-            raise BenchError(f"server {self.name} exited with {self.process.returncode} at start; end of its log:\n{log_tail}")
+            raise BenchError(f"server {self.name} exited with {self.process.returncode} at start (is port {self.port} in use? pick another with --port). End of its log:\n{log_tail}")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -235,11 +238,11 @@ class CheckerRun:
                 raise BenchError(f"job {self.job_id} was not restored: {event['message']}")
         return None
 
-    def wait_for(self, kind: str, what: str, **match: Any) -> dict[str, Any]:
-        """Wait for a line of the job's results file; raise BenchError early if the job ends.
+    def wait_for(self, kind: str, description: str, **match: Any) -> dict[str, Any]:
+        """Wait for a line of the job's results file, and raise BenchError early if the job ends.
 
-        The job's state is asked only once a second, so that polling adds no
-        noticeable load to the server while it takes a timed checkpoint.
+        The job's state is requested only once a second, so that polling adds
+        little load to the server while it takes a timed checkpoint.
         """
         next_state_check = time.monotonic() + STATE_CHECK_SECONDS
 
@@ -250,13 +253,13 @@ class CheckerRun:
                 next_state_check = time.monotonic() + STATE_CHECK_SECONDS
                 job = self.client.get_job(self.job_id)
                 if job["state"] in ("completed", "failed"):
-                    raise BenchError(f"job {self.job_id} is {job['state']} ({job['error']}) while waiting for {what}")
+                    raise BenchError(f"job {self.job_id} is {job['state']} ({job['error']}) while waiting for {description}")
             return record
 
-        return wait_until(find, STEP_TIMEOUT_SECONDS, what)
+        return wait_until(find, STEP_TIMEOUT_SECONDS, description)
 
     def finish(self) -> dict[int, dict[str, Any]]:
-        """Wait for the job to complete; return its checkpoints by number."""
+        """Wait for the job to complete and return its checkpoints by number."""
         result = self.client.result(self.job_id, wait=60)
         job = self.client.get_job(self.job_id)
         if job["state"] != "completed":
@@ -269,8 +272,8 @@ class CheckerRun:
             return
         try:
             self.client.kill(self.job_id)
-        except Exception as error:  # Cleanup goes on with the other processes.
-            logger.error("could not kill job %s on server %s: %s", self.job_id, self.server.name, error)
+        except APIError as error:
+            logger.error("kill of job %s on server %s failed: %s", self.job_id, self.server.name, error)
 
 
 # The raw CRIU process
@@ -423,6 +426,10 @@ def bench_size(label: str, size_bytes: int, servers: list[BenchServer], argument
             for run in runs:
                 settle(arguments.settle_seconds)
                 run.crash_and_restore(repetition)
+                if repetition + 1 < repetitions:
+                    # The restored copy checkpoints again at once; let that finish
+                    # before the next variant's restore is timed.
+                    run.wait_for("ready", f"job {run.job_id} to checkpoint before restore {repetition + 2}", restore=repetition + 1)
             figures = ", ".join(f"{run.server.name} {run.restore_event_seconds[-1]:.3f} s (wall {run.restore_wall_seconds[-1]:.3f} s)" for run in runs)
             logger.info("%s restore %d: raw restore %.3f s, %s", label, repetition, raw.restore_seconds[-1], figures)
 
@@ -465,10 +472,15 @@ def format_range(values: list[float]) -> str:
 
 
 def summary_table(results: dict[str, dict[str, Any]], server_names: list[str]) -> str:
-    """Return the main table as Markdown: medians of Checker and raw CRIU, and their ratios."""
+    """Return the main table as Markdown: medians of Checker and raw CRIU, and their ratios.
+
+    "paired ratio" is the median over checkpoints of `checker.checkpoint()`
+    time divided by the `criu dump` time of the same checkpoint inside the
+    server, so it leaves out the large run-to-run spread of `criu dump` itself.
+    """
     lines = [
-        "| size | Checker server | checkpoint s | raw dump s | ratio | restore s (event) | raw restore s | ratio | kill to running again s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | Checker server | checkpoint s | raw dump s | ratio | paired ratio | restore s (event) | raw restore s | ratio | kill to running again s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, result in results.items():
         raw = result["raw"]
@@ -479,8 +491,9 @@ def summary_table(results: dict[str, dict[str, Any]], server_names: list[str]) -
             checkpoint = median(checker["checkpoint_seconds"])
             restore = median(checker["restore_event_seconds"])
             wall = median(checker["restore_wall_seconds"])
+            paired = median([total / dump for total, dump in zip(checker["checkpoint_seconds"], checker["server_dump_seconds"])])
             lines.append(
-                f"| {label} | {name} | {checkpoint:.3f} | {raw_dump:.3f} | {checkpoint / raw_dump:.2f} "
+                f"| {label} | {name} | {checkpoint:.3f} | {raw_dump:.3f} | {checkpoint / raw_dump:.2f} | {paired:.2f} "
                 f"| {restore:.3f} | {raw_restore:.3f} | {restore / raw_restore:.2f} | {wall:.3f} |"
             )
     return "\n".join(lines)
@@ -504,10 +517,12 @@ def breakdown_table(results: dict[str, dict[str, Any]], server_names: list[str])
         for name in server_names:
             checker = result[name]
             fsync_step = "" if name == "no-fsync" else "fsync + "
+            overhead = [total - dump for total, dump in zip(checker["checkpoint_seconds"], checker["server_dump_seconds"])]
             rows += [
                 (f"{name}: `criu dump` in the server (dump_seconds)", checker["server_dump_seconds"]),
                 (f"{name}: dump + sha256 + {fsync_step}manifest (total_seconds)", checker["server_total_seconds"]),
                 (f"{name}: `checker.checkpoint()` in the job", checker["checkpoint_seconds"]),
+                (f"{name}: `checker.checkpoint()` minus its own `criu dump`", overhead),
                 (f"{name}: restore, verify + `criu restore` (event seconds)", checker["restore_event_seconds"]),
                 (f"{name}: SIGKILL to restored copy running", checker["restore_wall_seconds"]),
             ]
@@ -527,7 +542,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--criu", default=DEFAULT_CRIU, help=f"CRIU binary for the servers and the raw runs (default: {DEFAULT_CRIU})")
     parser.add_argument("--work-dir", type=Path, help="directory for state, images and logs; must not exist (default: a new directory under /tmp)")
     parser.add_argument("--keep-work-dir", action="store_true", help="leave the work directory in place for inspection")
-    parser.add_argument("--settle-seconds", type=float, default=0.5, help="pause after sync() before each timed step, in seconds (default: 0.5)")
+    parser.add_argument("--settle-seconds", type=float, default=1.0, help="pause after sync() before each timed step, in seconds (default: 1.0)")
     parser.add_argument("--no-fsync-variant", dest="fsync_variant", action="store_false", help="skip the server with fsync_checkpoints=False")
     parser.add_argument("--json-output", type=Path, help="also write every sample to this JSON file")
     arguments = parser.parse_args()

@@ -11,9 +11,9 @@ Run by bench/checkpoint_bench.py in two ways, with the same arguments:
   restores. It only fills its memory and waits until CONTROL_DIR/stop exists.
 
 Results go to CONTROL_DIR/results.jsonl, one JSON object a line. The file is
-opened and closed for each line, so no checkpoint image holds it open, and
-Checker does not rewind it on a restore (it only rewinds the job's stdout and
-stderr logs).
+opened and closed for each line, so it is never open in a checkpoint image.
+Checker does not rewind it on a restore, because it only rewinds the job's
+stdout and stderr logs.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def run_checkpoints(arguments: argparse.Namespace) -> None:
 
 
 def run_restores(arguments: argparse.Namespace) -> int:
-    """Checkpoint and wait to be killed until restored `--restores` times; return the restore count.
+    """Checkpoint and wait to be killed until restored `--restores` times, and return the restore count.
 
     `restores_seen` lives in the image, so each restored copy continues from
     the count at its checkpoint. A fresh checkpoint after every restore keeps

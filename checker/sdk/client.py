@@ -32,7 +32,7 @@ that call it meanwhile, so the default covers a slow restart.
 """
 
 CHECKPOINT_TIMEOUT_SECONDS = 3600.0
-"""Longest wait for one checkpoint answer; dumping a large job takes seconds."""
+"""Maximum wait for the response to one checkpoint call, in seconds; dumping a large job takes seconds."""
 
 
 class RuntimeAPIError(Exception):
@@ -45,7 +45,7 @@ class RuntimeAPIError(Exception):
 
 @dataclass(frozen=True)
 class CheckpointResult:
-    """What `checkpoint()` returns to the job."""
+    """Result of `checkpoint()` in the job."""
 
     restored: bool
     """True in a copy of the job restored from the checkpoint's image, False in

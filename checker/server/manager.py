@@ -46,8 +46,8 @@ class JobManager:
         """Resume supervision of every unfinished job after a start or crash of the server.
 
         A running job whose process is still alive (same PID and start time) is
-        re-adopted; one whose process is gone is restored from its last valid
-        checkpoint, or started again; a pending job is started.
+        re-adopted. A running job whose process is gone is restored from its last
+        valid checkpoint, or started again without one. A pending job is started.
         """
         removed = self.context.checkpoints.remove_partial()
         for staging in removed:
@@ -89,8 +89,8 @@ class JobManager:
 
         definition = self.state.get_definition(definition_name, version)
         if definition is None:
-            wanted = f"version {version} of " if version else ""
-            raise CheckerError(ErrorCode.NOT_FOUND, f"{wanted}job definition {definition_name!r} not found; create it with POST /v1/job-definitions")
+            requested = f"version {version} of " if version else ""
+            raise CheckerError(ErrorCode.NOT_FOUND, f"{requested}job definition {definition_name!r} not found; create it with POST /v1/job-definitions")
 
         job_id = secrets.token_hex(8)
         values = {

@@ -2,7 +2,7 @@
 
 All changes to a job go through its runner's command queue and are handled one
 at a time, so a checkpoint, a process exit and a kill can never interleave. The
-HTTP handlers only enqueue commands and wait for their answers.
+HTTP handlers only enqueue commands and wait for their results.
 
 States: pending -> running -> completed | failed. A checkpoint in progress is an
 operation on a running job, not a state. A crash (the job's init died without
@@ -130,7 +130,10 @@ class JobRunner:
                     pass
 
     async def request_checkpoint(self, token: str) -> CheckpointAnswer:
-        """Answer a checkpoint call; identical tokens and concurrent calls share one dump."""
+        """Take a checkpoint for a call of the job, or return the stored result of an earlier call with this token.
+
+        Concurrent calls share one dump, and so do retries of a call with the same token.
+        """
         known = self.context.state.get_token(self.job_id, token)
         if known is not None:
             job = self.context.state.get_job(self.job_id)

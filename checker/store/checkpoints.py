@@ -23,7 +23,7 @@ Manifest format, version 1 (JSON object)::
     job_files       sizes in bytes of the job's stdout and stderr logs at the dump
     files           [{"path", "size", "sha256"}] for every image file
 
-Version rule: a reader accepts exactly the format versions it knows (here: 1)
+Version rule: a reader accepts exactly the format versions it supports (here: 1)
 and rejects any other with an error that names the version, because a newer
 format may change what a field means. Every listed file is checked for size
 and sha256 before a restore; a file in the directory that the manifest does not
