@@ -1,6 +1,6 @@
 """Count to a number, checkpointing every step; kill it midway and it resumes.
 
-    checker run examples/count.py --param steps=20
+    checker run examples/count.py --param steps=60
 """
 
 import time
@@ -14,6 +14,6 @@ for step in range(1, steps + 1):
     result = checker.checkpoint()
     note = " (restored)" if result.restored else ""
     print(f"step {step}: total {total}, checkpoint {result.number}{note}", flush=True)
-    time.sleep(0.2)
+    time.sleep(0.5)
 
 checker.exit({"steps": steps, "total": total})

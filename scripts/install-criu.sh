@@ -111,14 +111,18 @@ mkdir -p "$WORK/lists/partial" "$WORK/src"
 printf 'deb-src %s unstable main\n' "$ARCHIVE" >"$WORK/unstable.list"
 APT_OPTS=(-o "Dir::Etc::SourceList=$WORK/unstable.list" -o "Dir::Etc::SourceParts=-"
     -o "Dir::State::Lists=$WORK/lists" -o "APT::Get::List-Cleanup=0")
-apt-get "${APT_OPTS[@]}" update -qq
+apt-get "${APT_OPTS[@]}" update -qq 2>"$WORK/apt.log" || {
+    cat "$WORK/apt.log" >&2
+    die "could not read Debian unstable's source index from the archive in /etc/apt"
+}
 
 # apt-get source verifies each file against the hash in the .dsc. From some
 # mirrors the Debian packaging tarball answers 404; only the upstream tarball
 # is needed to build, so a non-zero exit is tolerated when that tarball arrived.
-(cd "$WORK/src" && apt-get "${APT_OPTS[@]}" source --download-only -qq criu) || true
+# apt's messages go to a log, shown only when the upstream tarball is missing.
+(cd "$WORK/src" && apt-get "${APT_OPTS[@]}" source --download-only -qq criu) >>"$WORK/apt.log" 2>&1 || true
 ORIG="$(ls "$WORK"/src/criu_*.orig.tar.* 2>/dev/null | head -n1)"
-[ -n "$ORIG" ] || die "could not download criu's upstream source from unstable"
+[ -n "$ORIG" ] || { cat "$WORK/apt.log" >&2; die "could not download criu's upstream source from unstable"; }
 log "building from $(basename "$ORIG")"
 
 tar -xf "$ORIG" -C "$WORK/src"

@@ -102,8 +102,9 @@ def server(tmp_path: Path) -> ServerProcess:
     handle = ServerProcess(state_dir=tmp_path / "state", port=free_port(), log_path=tmp_path / "server.log")
     handle.start()
     yield handle
-    kill_jobs_of(handle)
+    # Stop the server first: while it runs, it would restore every job killed here.
     handle.stop()
+    kill_jobs_of(handle)
 
 
 def kill_jobs_of(handle: ServerProcess) -> None:

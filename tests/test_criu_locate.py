@@ -34,6 +34,16 @@ def test_old_criu_in_setting_is_rejected(tmp_path: Path, monkeypatch) -> None:
         find_criu()
 
 
+def test_option_is_named_in_error(tmp_path: Path) -> None:
+    with pytest.raises(CriuNotFoundError, match="setting --criu does not exist"):
+        find_criu(str(tmp_path / "nope"))
+
+
+def test_directory_is_not_criu(tmp_path: Path) -> None:
+    with pytest.raises(CriuNotFoundError, match="is not an executable file"):
+        find_criu(str(tmp_path))
+
+
 def test_missing_setting_path_is_rejected(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CHECKER_CRIU", str(tmp_path / "nope"))
     with pytest.raises(CriuNotFoundError, match="does not exist"):

@@ -165,3 +165,23 @@ def test_cli_reports_unknown_job(server) -> None:
     assert shown.returncode == 1
     assert "job 'nope' not found" in shown.stderr
     assert "Traceback" not in shown.stderr
+
+
+def test_second_server_on_same_state_dir_rejected(server) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "checker", "server", "--port", str(free_port()), "--state-dir", str(server.state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 1
+    assert "in use by another Checker server" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_server_port_in_use_is_reported(server, tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "checker", "server", "--port", str(server.port), "--state-dir", str(tmp_path / "other")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}" in completed.stderr
+    assert "Traceback" not in completed.stderr

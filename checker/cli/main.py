@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,14 @@ def command_run(args: argparse.Namespace) -> int:
     embedded = None
     server_url = args.server or server_url_from_environment()
     client = CallerClient(server_url, os.environ.get("CHECKER_API_TOKEN"))
-    if not client.is_up():
+    if client.is_up():
+        if args.state_dir or args.criu:
+            print(f"checker: using the server at {server_url}; --state-dir and --criu apply only to an embedded server", file=sys.stderr)
+    else:
         if args.server:
             raise CLIError(f"no Checker server answers at {args.server}; start one with 'checker server'")
-        settings = settings_from_args(args, port=int(server_url.rsplit(":", 1)[-1].split("/")[0]) if ":" in server_url.split("//", 1)[-1] else DEFAULT_PORT)
+        # The embedded server takes the port callers expect, so a later 'checker server' on it serves the same jobs.
+        settings = settings_from_args(args, port=urllib.parse.urlsplit(server_url).port or DEFAULT_PORT)
         print(f"checker: no server at {server_url}; starting an embedded one (state in {settings.state_dir})", file=sys.stderr)
         embedded = EmbeddedServer(settings)
         client.close()
@@ -143,7 +148,12 @@ def command_run(args: argparse.Namespace) -> int:
         try:
             final = follow_job(client, job["id"], quiet=args.quiet)
         except KeyboardInterrupt:
-            print(f"\nchecker: stopped following job {job['id']}; it keeps running. 'checker server' supervises it again.", file=sys.stderr)
+            if embedded is not None:
+                settings = embedded.server.settings
+                advice = f"start 'checker server --port {settings.port} --state-dir {settings.state_dir}' to supervise it again"
+            else:
+                advice = f"the server at {server_url} still supervises it"
+            print(f"\nchecker: stopped following job {job['id']}; the job keeps running, and {advice}", file=sys.stderr)
             return 130
     finally:
         client.close()
@@ -288,7 +298,11 @@ def command_doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="checker", description="Durable execution by memory checkpointing with CRIU.")
-    parser.add_argument("--log-level", default=os.environ.get("CHECKER_LOG_LEVEL", "INFO"), help="Logging level of the server and CLI (default INFO).")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("CHECKER_LOG_LEVEL"),
+        help="Logging level: DEBUG, INFO, WARNING or ERROR (default $CHECKER_LOG_LEVEL, else INFO; WARNING for 'run', whose embedded server would drown the job's output).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_client_options(sub: argparse.ArgumentParser) -> None:
@@ -349,14 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    default_level = "WARNING" if args.command == "run" else "INFO"
+    configure_logging(args.log_level or default_level)
+    from checker.runtimes.criu import CriuNotFoundError
+    from checker.server.serve import StateDirectoryInUse
+
     try:
         return args.handler(args)
-    except (CLIError, APIError) as error:
+    except (CLIError, APIError, CriuNotFoundError, StateDirectoryInUse, ValueError) as error:
         print(f"checker: error: {error}", file=sys.stderr)
         return 1
-    except ValueError as error:
-        print(f"checker: error: {error}", file=sys.stderr)
+    except OSError as error:
+        # Failures to bind the port or create the state directory carry their own advice.
+        print(f"checker: error: {error.strerror or error}", file=sys.stderr)
         return 1
 
 

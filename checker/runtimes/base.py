@@ -109,8 +109,15 @@ class Runtime(ABC):
         """
 
     @abstractmethod
-    async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str) -> ProcessIdentity:
-        """Start a copy of the job from the image in `image_dir`, detached."""
+    async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str, leave_stopped: bool = False) -> ProcessIdentity:
+        """Start a copy of the job from the image in `image_dir`, detached.
+
+        With `leave_stopped` every process of the copy stays stopped until `resume()`.
+        """
+
+    @abstractmethod
+    async def resume(self, process: ProcessIdentity) -> None:
+        """Let a copy restored with `leave_stopped` run."""
 
     @abstractmethod
     async def kill(self, process: ProcessIdentity) -> None:

@@ -58,9 +58,10 @@ def read_version(path: Path) -> str | None:
 def candidate_paths(configured: str | None = None) -> list[tuple[str, Path]]:
     """List where CRIU is looked for, in order: the setting, the project prefix, PATH."""
     candidates: list[tuple[str, Path]] = []
-    setting = configured or os.environ.get(ENV_CRIU)
-    if setting:
-        candidates.append((f"setting {ENV_CRIU}", Path(setting)))
+    if configured:
+        candidates.append(("setting --criu", Path(configured)))
+    elif os.environ.get(ENV_CRIU):
+        candidates.append((f"setting {ENV_CRIU}", Path(os.environ[ENV_CRIU])))
 
     prefix = Path(os.environ.get(ENV_PREFIX, DEFAULT_PREFIX))
     candidates.append(("project prefix", prefix / "bin" / "criu"))
@@ -84,12 +85,18 @@ def find_criu(configured: str | None = None) -> Criu:
             if origin.startswith("setting"):
                 raise CriuNotFoundError(f"CRIU path {path} from {origin} does not exist; fix the setting or unset it")
             continue
+        if not path.is_file() or not os.access(path, os.X_OK):
+            problem = f"CRIU path {path} from {origin} is not an executable file"
+            if origin.startswith("setting"):
+                raise CriuNotFoundError(f"{problem}; point it at the criu binary")
+            rejected.append(problem)
+            continue
 
         version = read_version(path)
         if version is None or tuple(int(p) for p in version.split(".")) < MIN_VERSION:
             problem = f"{path} ({origin}) reports version {version or 'unknown'}, older than 4.2"
             if origin.startswith("setting"):
-                raise CriuNotFoundError(f"CRIU {problem}; point {ENV_CRIU} at CRIU 4.2 or newer")
+                raise CriuNotFoundError(f"CRIU {problem}; point the {origin.removeprefix('setting ')} setting at CRIU 4.2 or newer, e.g. one built by scripts/install-criu.sh")
             rejected.append(problem)
             continue
 

@@ -110,13 +110,29 @@ class ProcessRuntime(Runtime):
         raise CheckerError(ErrorCode.START_FAILED, f"start of job {spec.job_id} failed: no namespace init after {START_TIMEOUT_SECONDS:.0f} s")
 
     async def checkpoint(self, spec: LaunchSpec, process: ProcessIdentity, image_dir: Path, *, leave_running: bool, log_path: Path, context: str) -> None:
+        command = self._job_command(process)
+        if command is None or spec.files.exit_status_path.exists():
+            raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: the job's command has already exited")
+
         arguments = ["dump", "--tree", str(process.pid), "--images-dir", str(image_dir), *DUMP_OPTIONS]
         if leave_running:
             arguments.append("--leave-running")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         await run_criu(self.criu, arguments, log_path, ErrorCode.CHECKPOINT_FAILED, context)
 
-    async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str) -> ProcessIdentity:
+        # A command that died while CRIU was dumping leaves an image of the init
+        # alone, or of a zombie; restoring either would only end the job again.
+        if leave_running and (spec.files.exit_status_path.exists() or not procfs.is_alive(command)):
+            raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: the job's command exited during the dump, so the image is incomplete")
+
+    @staticmethod
+    def _job_command(process: ProcessIdentity) -> ProcessIdentity | None:
+        """Return the job's command: the init's oldest child (younger ones are re-parented orphans)."""
+        children = [procfs.identify(pid) for pid in procfs.list_children(process.pid)]
+        alive = [child for child in children if child is not None]
+        return min(alive, key=lambda child: child.start_time) if alive else None
+
+    async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str, leave_stopped: bool = False) -> ProcessIdentity:
         spec.files.work_dir.mkdir(parents=True, exist_ok=True)
         spec.files.exit_status_path.unlink(missing_ok=True)
 
@@ -124,6 +140,8 @@ class ProcessRuntime(Runtime):
         pid_file = spec.files.job_dir / "restored.pid"
         pid_file.unlink(missing_ok=True)
         arguments = ["restore", "--images-dir", str(image_dir), *RESTORE_OPTIONS, "--pidfile", str(pid_file)]
+        if leave_stopped:
+            arguments.append("--leave-stopped")
         await run_criu(self.criu, arguments, log_path, ErrorCode.RESTORE_FAILED, context)
 
         pid = int(pid_file.read_text().strip())
@@ -131,6 +149,15 @@ class ProcessRuntime(Runtime):
         if identity is None:
             raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: the restored process {pid} exited at once; see {spec.files.stderr_path}")
         return identity
+
+    async def resume(self, process: ProcessIdentity) -> None:
+        # SIGCONT resumes a stopped process even where the signal itself is
+        # ignored, as it is for a namespace init without a handler.
+        for pid in procfs.list_descendants(process.pid):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     async def kill(self, process: ProcessIdentity) -> None:
         if not procfs.is_alive(process):

@@ -74,6 +74,26 @@ def list_children(pid: int) -> list[int]:
         return []
 
 
+def list_descendants(pid: int) -> list[int]:
+    """Return `pid` and all its descendants, parents before children."""
+    found = [pid]
+    index = 0
+    while index < len(found):
+        current = found[index]
+        try:
+            threads = os.listdir(f"/proc/{current}/task")
+        except FileNotFoundError:
+            threads = []
+        for thread in threads:
+            try:
+                with open(f"/proc/{current}/task/{thread}/children") as children_file:
+                    found.extend(int(child) for child in children_file.read().split())
+            except FileNotFoundError:
+                continue
+        index += 1
+    return found
+
+
 async def wait_for_exit(identity: ProcessIdentity) -> int | None:
     """Wait until the process exits; return its wait status when it was our child, else None.
 

@@ -293,7 +293,16 @@ def create_app(manager_factory, api_token: str | None) -> FastAPI:
             app.state.manager = manager
             yield
 
-    app = FastAPI(title="Checker", version=checker.__version__, lifespan=lifespan, description="Durable execution by memory checkpointing.")
+    # No /docs or /redoc pages: they load their scripts from a CDN, which a
+    # machine without internet access cannot reach. /openapi.json is served.
+    app = FastAPI(
+        title="Checker",
+        version=checker.__version__,
+        lifespan=lifespan,
+        description="Durable execution by memory checkpointing.",
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.api_token = api_token
     install_error_handlers(app)
     app.include_router(build_caller_router())

@@ -278,11 +278,13 @@ class JobRunner:
         job_files = {"stdout": self._file_size(self.files.stdout_path), "stderr": self._file_size(self.files.stderr_path)}
 
         started = time.monotonic()
+        hasher = self.context.checkpoints.hasher_for(staging).start()
         try:
             await self.runtime.checkpoint(
                 self._launch_spec(), self.process, staging, leave_running=pending.leave_running, log_path=self._criu_log(f"dump-{number}"), context=context
             )
         except CheckerError as error:
+            await asyncio.to_thread(hasher.cancel)
             pending.dump_finished = True
             self._event("checkpoint_failed", error.message, checkpoint=number, criu_errors=getattr(error, "error_lines", []))
             logger.error("job %s: %s", self.job_id, error.message)
@@ -293,6 +295,7 @@ class JobRunner:
         pending.dump_finished = True
 
         try:
+            hashed_already = await asyncio.to_thread(hasher.finish)
             manifest = await asyncio.to_thread(
                 self.context.checkpoints.commit,
                 staging,
@@ -302,6 +305,7 @@ class JobRunner:
                 runtime=self.job.runtime_type,
                 criu_version=self.context.criu_version,
                 job_files=job_files,
+                hashed_already=hashed_already,
             )
         except OSError as error:
             message = f"{context} failed while storing the image: {error}"
@@ -452,13 +456,32 @@ class JobRunner:
 
     async def _restore(self, checkpoint: CheckpointRecord, reason: str) -> None:
         started = time.monotonic()
-        manifest = await asyncio.to_thread(self.context.checkpoints.verify, self.job_id, checkpoint.number)
+        store = self.context.checkpoints
+        manifest = store.read_manifest(self.job_id, checkpoint.number)
         self._rewind_logs(manifest.job_files)
 
         context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
-        image_dir = self.context.checkpoints.location(self.job_id, checkpoint.number)
+        image_dir = store.location(self.job_id, checkpoint.number)
         log_path = self._criu_log(f"restore-{self.job.restore_count + 1}-from-{checkpoint.number}")
-        self.process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context)
+
+        # CRIU restores the copy stopped while the image is verified on the other
+        # core; the copy runs only once every file matched its sha256.
+        verification = asyncio.create_task(asyncio.to_thread(store.verify, self.job_id, checkpoint.number))
+        try:
+            process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context, leave_stopped=True)
+        except CheckerError:
+            await asyncio.gather(verification, return_exceptions=True)
+            if verification.exception() is not None:
+                raise verification.exception() from None  # A corrupt image explains the failed restore.
+            raise
+        try:
+            await verification
+        except CorruptCheckpointError:
+            await self.runtime.kill(process)
+            await self.runtime.wait(self._launch_spec(), process)
+            raise
+        await self.runtime.resume(process)
+        self.process = process
         seconds = time.monotonic() - started
 
         restore_number = self.job.restore_count + 1

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import socket
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator
 
 import uvicorn
@@ -45,6 +48,31 @@ def api_url_for(listener: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
+class StateDirectoryInUse(Exception):
+    """Another server runs with the same state directory."""
+
+
+def lock_state_directory(state_dir: Path) -> int:
+    """Take an exclusive lock on the state directory for this process's lifetime; return its fd.
+
+    Two servers on one state directory would both restore a crashed job and
+    then fail it, so the second one is refused.
+    """
+    lock_path = state_dir / "server.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirectoryInUse(
+            f"state directory {state_dir} is in use by another Checker server (pid {owner}); stop that server or pass another --state-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Server:
     """A Checker server bound to its socket, ready to run."""
 
@@ -54,6 +82,7 @@ class Server:
         self.criu = find_criu(settings.criu_path)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_state_directory(settings.state_dir)
         self.listener = bind_socket(settings.host, settings.port)
         self.api_url = api_url_for(self.listener)
         self.manager: JobManager | None = None
