@@ -2,15 +2,14 @@
 
 Writes a 1 GiB file of random data (by default) under --dir and reads it back
 from the page cache --repetitions times per case. The cases are: no hash;
-sha256 as LocalCheckpointStore.commit runs it (one thread for one file);
+sha256 on one thread, as a checkpoint's page image is hashed;
 sha256 over 64 MiB chunks on two threads; BLAKE2b. BLAKE3 (package `blake3`)
 and XXH3-128 (package `xxhash`) are added when those packages are installed.
 
 Then it compares two orders for a freshly written (dirty) file: sha256 and
-then fsync, as commit() does now, and fsync in a second thread while the file
-is hashed.
+then fsync, and fsync in a second thread while the file is hashed.
 
-Run: /work/main/.venv/bin/python bench/hash_bench.py --dir /tmp/some-dir
+Run: .venv/bin/python bench/hash_bench.py --dir /tmp/some-dir
 """
 
 from __future__ import annotations

@@ -227,6 +227,19 @@ def report(client: CallerClient, s3: DemoS3Server, job: dict, size: int, expecte
     return job["state"] == "completed" and matches and covered and few_repeats
 
 
+def kill_unfinished_job(server: CheckerServerProcess, job_id: str | None) -> None:
+    """Kill the demo's job when the demo stops early, so it does not outlive the demo."""
+    if job_id is None or server.process is None or server.process.poll() is not None:
+        return
+    try:
+        with CallerClient(server.url) as client:
+            if client.get_job(job_id)["state"] not in ("completed", "failed"):
+                client.kill(job_id)
+                say(f"killed the unfinished job {job_id}")
+    except APIError as error:
+        say(f"could not kill job {job_id}: {error}")
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo", description="Parse a large JSON document from S3 through a job kill and a server kill.")
     parser.add_argument("--size-mb", type=float, default=300, help="Size of the JSON document in MB (default 300).")
@@ -252,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = DemoPlan(int(args.size_mb * 1e6), int(args.range_mb * MIB), args.kill_job_at, args.kill_server_at, args.port, state_dir)
 
     server = CheckerServerProcess(plan)
+    job: dict | None = None
     started = time.monotonic()
     try:
         with DemoS3Server() as s3:
@@ -271,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {error}")
         return 1
     finally:
+        kill_unfinished_job(server, job["id"] if job else None)
         server.stop()
         if temporary:
             shutil.rmtree(state_dir, ignore_errors=True)

@@ -370,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (CLIError, APIError, CriuNotFoundError, StateDirectoryInUse, ValueError) as error:
+    except APIError as error:
+        hint = "; 'checker jobs list' shows the jobs" if error.status == 404 and "job " in str(error) else ""
+        print(f"checker: error: {error}{hint}", file=sys.stderr)
+        return 1
+    except (CLIError, CriuNotFoundError, StateDirectoryInUse, ValueError) as error:
         print(f"checker: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:

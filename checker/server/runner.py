@@ -142,6 +142,7 @@ class JobRunner:
 
         if token in self._inflight_tokens:
             return await asyncio.shield(self._inflight_tokens[token].answer)
+        self._raise_if_finished()
 
         pending = self._pending_checkpoint
         if pending is None or pending.dump_finished:
@@ -153,14 +154,22 @@ class JobRunner:
         return await asyncio.shield(pending.answer)
 
     async def kill(self, reason: str) -> JobRecord:
+        if self.finished.is_set():
+            return self.job
         done = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(KillCommand(reason, done))
         return await asyncio.shield(done)
 
     async def report_exit(self, exit_code: int, output: Any) -> None:
+        self._raise_if_finished()
         done = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(ExitReport(exit_code, output, done))
         await asyncio.shield(done)
+
+    def _raise_if_finished(self) -> None:
+        # The actor loop has ended, so nothing would ever handle a new command.
+        if self.finished.is_set():
+            raise CheckerError(ErrorCode.INVALID_STATE, f"job {self.job_id} is {self.job.state}; it takes no more requests")
 
     # The actor loop
 
