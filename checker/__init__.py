@@ -15,7 +15,31 @@ Inside a job, use the SDK functions exported here::
 This module imports only the standard library, so jobs can use it anywhere.
 """
 
-from checker.sdk import CheckpointResult, RuntimeAPIError, checkpoint, exit, in_checker, params
+from checker.sdk import (
+    CheckpointResult,
+    RuntimeAPIError,
+    SignalResult,
+    checkpoint,
+    exit,
+    in_checker,
+    params,
+    receive_signal,
+    sleep,
+    suspend,
+    wait_for_signal,
+)
 
-__all__ = ["CheckpointResult", "RuntimeAPIError", "checkpoint", "exit", "in_checker", "params"]
+__all__ = [
+    "CheckpointResult",
+    "RuntimeAPIError",
+    "SignalResult",
+    "checkpoint",
+    "exit",
+    "in_checker",
+    "params",
+    "receive_signal",
+    "sleep",
+    "suspend",
+    "wait_for_signal",
+]
 __version__ = "0.1.0"

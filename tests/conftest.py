@@ -157,5 +157,21 @@ def wait_for_checkpoints(client: CallerClient, job_id: str, count: int, timeout:
     )
 
 
+def job_processes(state_dir: Path, job_id: str) -> list[int]:
+    """Return the PIDs of every process whose command line names this job's directory."""
+    marker = str(state_dir / "jobs" / job_id).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in command_line:
+            found.append(int(entry.name))
+    return found
+
+
 def event_kinds(client: CallerClient, job_id: str) -> list[str]:
     return [event["kind"] for event in client.events(job_id)]

@@ -99,5 +99,11 @@ class CallerClient:
     def checkpoints(self, job_id: str) -> list[dict]:
         return self.request("GET", f"/v1/jobs/{job_id}/checkpoints").json()["items"]
 
+    def send_signal(self, job_id: str, name: str, payload: Any = None) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/signals", json={"name": name, "payload": payload}).json()
+
+    def signals(self, job_id: str) -> list[dict]:
+        return self.request("GET", f"/v1/jobs/{job_id}/signals").json()["items"]
+
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         return self.request("GET", f"/v1/jobs/{job_id}/events", params={"after": after}).json()["items"]

@@ -20,7 +20,18 @@ from checker.cli.client import APIError, CallerClient, server_url_from_environme
 from checker.config import DEFAULT_PORT, Settings, default_state_dir
 
 TERMINAL_STATES = ("completed", "failed")
-PROGRESS_EVENTS = ("started", "checkpoint", "checkpoint_failed", "crashed", "restored", "restore_failed", "checkpoint_corrupt", "adopted")
+PROGRESS_EVENTS = (
+    "started",
+    "checkpoint",
+    "checkpoint_failed",
+    "suspended",
+    "woke",
+    "crashed",
+    "restored",
+    "restore_failed",
+    "checkpoint_corrupt",
+    "adopted",
+)
 
 
 class CLIError(Exception):
@@ -290,6 +301,17 @@ def command_logs(args: argparse.Namespace) -> int:
             time.sleep(0.3)
 
 
+def command_signal(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload) if args.payload is not None else None
+    except ValueError as error:
+        raise CLIError(f"--payload is not valid JSON: {error}; quote it, e.g. --payload '{{\"approved\": true}}'") from error
+    with connect(args) as client:
+        signal = client.send_signal(args.job, args.name, payload)
+    print(f"signal {signal['name']!r} ({signal['seq']}) stored for job {args.job}")
+    return 0
+
+
 def command_doctor(args: argparse.Namespace) -> int:
     from checker.cli.doctor import run_doctor
 
@@ -354,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", "-f", action="store_true", help="Keep printing new output until the job finishes.")
     add_client_options(logs)
     logs.set_defaults(handler=command_logs)
+
+    signal_parser = commands.add_parser("signal", help="Send a named signal with a JSON payload to a job.")
+    signal_parser.add_argument("job")
+    signal_parser.add_argument("name", help="Signal name, as the job passes it to wait_for_signal().")
+    signal_parser.add_argument("--payload", help="JSON value the job receives (default null).")
+    add_client_options(signal_parser)
+    signal_parser.set_defaults(handler=command_signal)
 
     doctor = commands.add_parser("doctor", help="Check CRIU and the kernel, and run a dump/restore self-test.")
     doctor.add_argument("--criu", help="Path of the CRIU binary to check.")

@@ -120,6 +120,13 @@ class Runtime(ABC):
         """Let a copy restored with `leave_stopped` run."""
 
     @abstractmethod
+    async def discard_interrupted_restore(self, spec: LaunchSpec, keep: ProcessIdentity | None) -> int | None:
+        """Kill a copy left by a restore that a server crash interrupted; return its PID, if any.
+
+        `keep` is the job's current process, which is never killed.
+        """
+
+    @abstractmethod
     async def kill(self, process: ProcessIdentity) -> None:
         """Kill the job and every process of it."""
 

@@ -159,6 +159,32 @@ class ProcessRuntime(Runtime):
             except ProcessLookupError:
                 pass
 
+    async def discard_interrupted_restore(self, spec: LaunchSpec, keep: ProcessIdentity | None) -> int | None:
+        # CRIU writes the pid file as soon as the copy exists; the server deletes
+        # it before every restore. A copy named there that is not the job's
+        # process was restored by a server that died before recording it.
+        pid_file = spec.files.job_dir / "restored.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        if keep is not None and pid == keep.pid:
+            return None
+
+        try:
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        if str(spec.files.exit_status_path).encode() not in command_line:
+            return None  # The PID was reused by an unrelated process.
+
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        pid_file.unlink(missing_ok=True)
+        return pid
+
     async def kill(self, process: ProcessIdentity) -> None:
         if not procfs.is_alive(process):
             return

@@ -16,9 +16,24 @@ import sys
 import threading
 from typing import Any, NoReturn
 
-from checker.sdk.client import ENV_PARAMS, CheckpointResult, RuntimeAPIError, RuntimeClient, flush_standard_streams
+import datetime
+import time
 
-__all__ = ["CheckpointResult", "RuntimeAPIError", "checkpoint", "exit", "in_checker", "params"]
+from checker.sdk.client import ENV_PARAMS, CheckpointResult, RuntimeAPIError, RuntimeClient, SignalResult, flush_standard_streams, parse_duration
+
+__all__ = [
+    "CheckpointResult",
+    "RuntimeAPIError",
+    "SignalResult",
+    "checkpoint",
+    "exit",
+    "in_checker",
+    "params",
+    "receive_signal",
+    "sleep",
+    "suspend",
+    "wait_for_signal",
+]
 
 _client: RuntimeClient | None = None
 _client_loaded = False
@@ -60,6 +75,60 @@ def params() -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RuntimeAPIError(f"{ENV_PARAMS} must hold a JSON object, got {type(value).__name__}")
     return value
+
+
+def sleep(duration: float | str) -> CheckpointResult:
+    """Suspend the job for `duration` (seconds, or a string such as "90s", "6h", "1h30m").
+
+    The job is checkpointed and its process ends, so a long sleep costs disk,
+    not memory or CPU. The call returns in the copy restored at the wake time,
+    with `restored=True`. Outside Checker it sleeps in place.
+    """
+    seconds = parse_duration(duration)
+    client = _runtime_client()
+    if client is None:
+        time.sleep(seconds)
+        return CheckpointResult(restored=False, number=None, standalone=True)
+    return client.suspend(seconds=seconds)
+
+
+def suspend(until: datetime.datetime | float) -> CheckpointResult:
+    """Suspend the job until a time: an aware datetime or a Unix time in seconds. See `sleep`."""
+    if isinstance(until, datetime.datetime):
+        if until.tzinfo is None:
+            raise ValueError(f"suspend(until={until!r}) needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
+        wake_at = until.timestamp()
+    else:
+        wake_at = float(until)
+    client = _runtime_client()
+    if client is None:
+        time.sleep(max(0.0, wake_at - time.time()))
+        return CheckpointResult(restored=False, number=None, standalone=True)
+    return client.suspend(until=wake_at)
+
+
+def wait_for_signal(name: str, timeout: float | str | None = None) -> SignalResult:
+    """Wait for the next signal `name`, suspended to disk; give up after `timeout` (seconds or "6h").
+
+    A signal sent before the call is kept and returned at once. Each signal is
+    delivered to exactly one call. Outside Checker no signal can arrive: the
+    call sleeps for `timeout` and returns a timed-out result, or raises
+    RuntimeAPIError without a timeout.
+    """
+    timeout_seconds = None if timeout is None else parse_duration(timeout)
+    client = _runtime_client()
+    if client is None:
+        if timeout_seconds is None:
+            raise RuntimeAPIError(f"wait_for_signal({name!r}) without a timeout would wait forever outside Checker")
+        time.sleep(timeout_seconds)
+        return SignalResult(name=name, received=False, timed_out=True)
+    return client.wait_for_signal(name, timeout_seconds)
+
+
+def receive_signal(name: str) -> SignalResult | None:
+    """Return the next signal `name` if one is waiting, else None; the job keeps running. None outside Checker."""
+    client = _runtime_client()
+    return None if client is None else client.receive_signal(name)
 
 
 def exit(output: Any = None, exit_code: int = 0) -> NoReturn:

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any, NoReturn
 
 from checker import sdk
-from checker.sdk.client import CheckpointResult
+from checker.sdk.client import CheckpointResult, SignalResult
 
 
 async def checkpoint() -> CheckpointResult:
@@ -22,6 +22,26 @@ async def checkpoint() -> CheckpointResult:
 async def params() -> dict[str, Any]:
     """Return the job's parameters; see `checker.params`."""
     return await asyncio.to_thread(sdk.params)
+
+
+async def sleep(duration: float | str) -> CheckpointResult:
+    """Suspend the job for `duration`; see `checker.sleep`."""
+    return await asyncio.to_thread(sdk.sleep, duration)
+
+
+async def suspend(until: Any) -> CheckpointResult:
+    """Suspend the job until a time; see `checker.suspend`."""
+    return await asyncio.to_thread(sdk.suspend, until)
+
+
+async def wait_for_signal(name: str, timeout: float | str | None = None) -> SignalResult:
+    """Wait for the next signal `name`, suspended; see `checker.wait_for_signal`."""
+    return await asyncio.to_thread(sdk.wait_for_signal, name, timeout)
+
+
+async def receive_signal(name: str) -> SignalResult | None:
+    """Return the next signal `name` if one is waiting; see `checker.receive_signal`."""
+    return await asyncio.to_thread(sdk.receive_signal, name)
 
 
 async def exit(output: Any = None, exit_code: int = 0) -> NoReturn:

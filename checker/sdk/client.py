@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -57,6 +58,46 @@ class CheckpointResult:
 
     standalone: bool = False
     """True when the script runs outside Checker and no checkpoint was taken."""
+
+
+@dataclass(frozen=True)
+class SignalResult:
+    """Result of `wait_for_signal()` or `receive_signal()`."""
+
+    name: str
+    """Name of the signal that was waited for."""
+
+    received: bool
+    """True when a signal arrived; False after a timeout."""
+
+    payload: Any = None
+    """The JSON payload the signal was sent with."""
+
+    timed_out: bool = False
+
+    restored: bool = False
+    """True when the job was suspended to wait and restored to receive the result."""
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(duration: float | int | str) -> float:
+    """Return seconds for a number of seconds or a string such as "90s", "6h" or "1h30m"; raise ValueError otherwise."""
+    if isinstance(duration, bool):
+        raise ValueError(f"invalid duration {duration!r}: use seconds or a string such as '6h'")
+    if isinstance(duration, (int, float)):
+        seconds = float(duration)
+    else:
+        text = duration.strip().replace(" ", "")
+        parts = _DURATION_PART.findall(text)
+        if not text or "".join(number + unit for number, unit in parts) != text:
+            raise ValueError(f"invalid duration {duration!r}: use seconds or a string such as '90s', '6h' or '1h30m'")
+        seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"invalid duration {duration!r}: it must not be negative")
+    return seconds
 
 
 class RuntimeClient:
@@ -108,6 +149,33 @@ class RuntimeClient:
         token = secrets.token_hex(16)
         answer = self._call("POST", "checkpoint", {"token": token}, timeout=CHECKPOINT_TIMEOUT_SECONDS)
         return CheckpointResult(restored=bool(answer["restored"]), number=int(answer["checkpoint"]))
+
+    def suspend(self, *, seconds: float | None = None, until: float | None = None) -> CheckpointResult:
+        """Checkpoint, stop and free this process until a time; return in the copy restored then."""
+        flush_standard_streams()
+        body: dict[str, Any] = {"token": secrets.token_hex(16)}
+        if until is not None:
+            body["until"] = until
+        else:
+            body["seconds"] = seconds
+        answer = self._call("POST", "suspend", body, timeout=CHECKPOINT_TIMEOUT_SECONDS)
+        return CheckpointResult(restored=bool(answer["restored"]), number=int(answer["checkpoint"]))
+
+    def wait_for_signal(self, name: str, timeout_seconds: float | None) -> SignalResult:
+        """Return the next signal `name`, suspending the job until it arrives or the timeout passes."""
+        flush_standard_streams()
+        body = {"token": secrets.token_hex(16), "name": name, "timeout_seconds": timeout_seconds}
+        answer = self._call("POST", "signals/wait", body, timeout=CHECKPOINT_TIMEOUT_SECONDS)
+        signal = answer.get("signal")
+        if signal is None:
+            return SignalResult(name=name, received=False, timed_out=bool(answer.get("timed_out")), restored=bool(answer["restored"]))
+        return SignalResult(name=name, received=True, payload=signal["payload"], restored=bool(answer["restored"]))
+
+    def receive_signal(self, name: str) -> SignalResult | None:
+        """Return the next signal `name` if one is waiting, else None, without suspending."""
+        answer = self._call("POST", "signals/receive", {"token": secrets.token_hex(16), "name": name}, timeout=60.0)
+        signal = answer.get("signal")
+        return None if signal is None else SignalResult(name=name, received=True, payload=signal["payload"])
 
     def report_exit(self, output: Any, exit_code: int) -> None:
         """Store the job's result on the server before the process exits."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Annotated, AsyncIterator
 
@@ -17,8 +18,8 @@ import checker
 from checker.errors import CheckerError, ErrorCode
 from checker.server import models
 from checker.server.manager import JobManager
-from checker.server.runner import hash_token
-from checker.store.state import CheckpointRecord, DefinitionRecord, EventRecord, JobRecord, JobState
+from checker.server.runner import SuspendRequest, hash_token
+from checker.store.state import CheckpointRecord, DefinitionRecord, EventRecord, JobRecord, JobState, SignalRecord
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def job_out(job: JobRecord) -> models.JobOut:
         started_at=models.iso_time(job.started_at),
         finished_at=models.iso_time(job.finished_at),
         updated_at=models.iso_time(job.updated_at),
+        wake_at=models.iso_time(job.wake_at),
+        wait_signal=job.wait_signal,
     )
 
 
@@ -77,6 +80,17 @@ def checkpoint_out(record: CheckpointRecord) -> models.CheckpointOut:
 
 def event_out(record: EventRecord) -> models.EventOut:
     return models.EventOut(seq=record.seq, kind=record.kind, message=record.message, data=record.data, created_at=models.iso_time(record.created_at))
+
+
+def signal_out(record: SignalRecord) -> models.SignalOut:
+    return models.SignalOut(
+        seq=record.seq,
+        name=record.name,
+        payload=record.payload,
+        created_at=models.iso_time(record.created_at),
+        delivered=record.delivered_token is not None,
+        delivered_at=models.iso_time(record.delivered_at),
+    )
 
 
 def encode_cursor(seq: int) -> str:
@@ -256,6 +270,15 @@ def build_caller_router() -> APIRouter:
         manager.get_job(job_id)
         return models.CheckpointList(items=[checkpoint_out(c) for c in manager.state.list_checkpoints(job_id)])
 
+    @router.post("/jobs/{job_id}/signals", status_code=202, response_model=models.SignalOut)
+    async def send_signal(job_id: str, body: models.SignalSend, manager: Manager) -> models.SignalOut:
+        return signal_out(manager.send_signal(job_id, body.name, body.payload))
+
+    @router.get("/jobs/{job_id}/signals", response_model=models.SignalList)
+    async def list_signals(job_id: str, manager: Manager) -> models.SignalList:
+        manager.get_job(job_id)
+        return models.SignalList(items=[signal_out(s) for s in manager.state.list_signals(job_id)])
+
     @router.get("/jobs/{job_id}/events", response_model=models.EventList)
     async def list_events(job_id: str, manager: Manager, after: Annotated[int, Query(ge=0)] = 0) -> models.EventList:
         manager.get_job(job_id)
@@ -275,6 +298,25 @@ def build_runtime_router() -> APIRouter:
     async def take_checkpoint(body: models.CheckpointRequest, job: AuthenticatedJob, manager: Manager) -> models.CheckpointResponse:
         answer = await manager.checkpoint(job.id, body.token)
         return models.CheckpointResponse(restored=answer.restored, checkpoint=answer.checkpoint)
+
+    @router.post("/suspend", response_model=models.SuspendResponse)
+    async def suspend(body: models.SuspendBody, job: AuthenticatedJob, manager: Manager) -> models.SuspendResponse:
+        wake_at = body.until if body.until is not None else time.time() + (body.seconds or 0.0)
+        answer = await manager.suspend(job.id, body.token, SuspendRequest(wake_at=wake_at, signal=None))
+        return models.SuspendResponse(restored=answer.restored, checkpoint=answer.checkpoint, woke=(answer.result or {}).get("woke"))
+
+    @router.post("/signals/wait", response_model=models.WaitSignalResponse)
+    async def wait_for_signal(body: models.WaitSignalBody, job: AuthenticatedJob, manager: Manager) -> models.WaitSignalResponse:
+        wake_at = None if body.timeout_seconds is None else time.time() + body.timeout_seconds
+        answer = await manager.suspend(job.id, body.token, SuspendRequest(wake_at=wake_at, signal=body.name))
+        result = answer.result or {}
+        return models.WaitSignalResponse(
+            restored=answer.restored, checkpoint=answer.checkpoint, timed_out=bool(result.get("timed_out")), signal=result.get("signal")
+        )
+
+    @router.post("/signals/receive", response_model=models.ReceiveSignalResponse)
+    async def receive_signal(body: models.ReceiveSignalBody, job: AuthenticatedJob, manager: Manager) -> models.ReceiveSignalResponse:
+        return models.ReceiveSignalResponse(signal=manager.receive_signal(job.id, body.token, body.name))
 
     @router.post("/exit", status_code=200)
     async def report_exit(body: models.ExitRequest, job: AuthenticatedJob, manager: Manager) -> dict:

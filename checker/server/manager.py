@@ -14,9 +14,9 @@ from checker.config import Settings
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import Runtime
 from checker.runtimes.procfs import ProcessIdentity, is_alive
-from checker.server.runner import CheckpointAnswer, JobRunner, RunnerContext
+from checker.server.runner import CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token
 from checker.store.checkpoints import LocalCheckpointStore
-from checker.store.state import DuplicateIdempotencyKey, JobRecord, JobState, StateStore
+from checker.store.state import DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class JobManager:
         for staging in removed:
             logger.warning("removed unfinished checkpoint %s left by a previous server", staging)
 
-        for job in self.state.list_jobs(states=[JobState.RUNNING, JobState.PENDING], limit=1_000_000):
+        for job in self.state.list_jobs(states=[JobState.RUNNING, JobState.PENDING, JobState.SUSPENDED], limit=1_000_000):
             adopt = None
             if job.state == JobState.RUNNING and job.pid is not None and job.pid_start_time is not None:
                 identity = ProcessIdentity(job.pid, job.pid_start_time)
@@ -143,9 +143,37 @@ class JobManager:
     async def checkpoint(self, job_id: str, token: str) -> CheckpointAnswer:
         known = self.state.get_token(job_id, token)
         if known is not None:
-            job = self.get_job(job_id)
-            return CheckpointAnswer(restored=job.restore_count > known.restore_count, checkpoint=known.checkpoint_number)
+            return answer_from_token(self.state, known)
         return await self.runner_for(job_id).request_checkpoint(token)
+
+    async def suspend(self, job_id: str, token: str, request: SuspendRequest) -> CheckpointAnswer:
+        known = self.state.get_token(job_id, token)
+        if known is not None and known.result is not None:
+            return answer_from_token(self.state, known)
+        return await self.runner_for(job_id).request_suspend(token, request)
+
+    def send_signal(self, job_id: str, name: str, payload: Any) -> SignalRecord:
+        """Store a signal durably, then wake the job if it waits for it."""
+        job = self.get_job(job_id)
+        if job.terminal:
+            raise CheckerError(ErrorCode.INVALID_STATE, f"job {job_id} is {job.state}; signals go only to unfinished jobs")
+        signal = self.state.add_signal(job_id, name, payload)
+        logger.info("signal %r (%d) stored for job %s", name, signal.seq, job_id)
+        runner = self.runners.get(job_id)
+        if runner is not None:
+            runner.signal_arrived(name)
+        return signal
+
+    def receive_signal(self, job_id: str, token: str, name: str) -> dict | None:
+        """Deliver the oldest pending signal `name` without suspending; a retried token gets the same one."""
+        job = self.get_job(job_id)
+        known = self.state.get_token(job_id, token)
+        if known is not None and known.result is not None:
+            return known.result.get("signal")
+        delivered = self.state.deliver_signal(job_id, name, token, job.last_checkpoint or 0, job.restore_count)
+        if delivered is None:
+            return None
+        return {"name": delivered.name, "payload": delivered.payload, "seq": delivered.seq}
 
     async def report_exit(self, job_id: str, exit_code: int, output: Any) -> None:
         await self.runner_for(job_id).report_exit(exit_code, output)

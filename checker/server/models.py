@@ -6,7 +6,7 @@ import datetime
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -106,6 +106,8 @@ class JobOut(BaseModel):
     started_at: str | None
     finished_at: str | None
     updated_at: str | None
+    wake_at: str | None = Field(default=None, description="When a suspended job is restored; null while it waits for a signal only.")
+    wait_signal: str | None = Field(default=None, description="Name of the signal a suspended job waits for.")
 
 
 class JobList(BaseModel):
@@ -174,6 +176,75 @@ class ExitRequest(StrictModel):
 class ParamsResponse(BaseModel):
     job_id: str
     params: dict[str, Any]
+
+
+SIGNAL_NAME = Field(pattern=NAME_PATTERN, description="Signal name; letters, digits, '.', '_', '-', at most 128 characters.")
+CALL_TOKEN = Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_-]+$", description="Fresh random token per call.")
+MAX_SUSPEND_SECONDS = 366 * 24 * 3600.0
+
+
+class SuspendBody(StrictModel):
+    token: str = CALL_TOKEN
+    seconds: float | None = Field(default=None, ge=0, le=MAX_SUSPEND_SECONDS, description="Suspend for this many seconds.")
+    until: float | None = Field(default=None, ge=0, description="Suspend until this Unix time, in seconds.")
+
+    @model_validator(mode="after")
+    def one_wake_time(self) -> "SuspendBody":
+        if (self.seconds is None) == (self.until is None):
+            raise ValueError("give exactly one of 'seconds' and 'until'")
+        return self
+
+
+class WaitSignalBody(StrictModel):
+    token: str = CALL_TOKEN
+    name: str = SIGNAL_NAME
+    timeout_seconds: float | None = Field(default=None, ge=0, le=MAX_SUSPEND_SECONDS, description="Give up after this many seconds; null waits forever.")
+
+
+class ReceiveSignalBody(StrictModel):
+    token: str = CALL_TOKEN
+    name: str = SIGNAL_NAME
+
+
+class SignalPayloadOut(BaseModel):
+    name: str
+    payload: Any
+    seq: int
+
+
+class SuspendResponse(BaseModel):
+    restored: bool
+    checkpoint: int
+    woke: str | None = Field(description="'time' after a plain sleep.")
+
+
+class WaitSignalResponse(BaseModel):
+    restored: bool = Field(description="True when the job was suspended and restored to receive the answer.")
+    checkpoint: int
+    timed_out: bool
+    signal: SignalPayloadOut | None
+
+
+class ReceiveSignalResponse(BaseModel):
+    signal: SignalPayloadOut | None
+
+
+class SignalSend(StrictModel):
+    name: str = SIGNAL_NAME
+    payload: Any = Field(default=None, description="Any JSON value; the job receives it unchanged.")
+
+
+class SignalOut(BaseModel):
+    seq: int
+    name: str
+    payload: Any
+    created_at: str | None
+    delivered: bool
+    delivered_at: str | None
+
+
+class SignalList(BaseModel):
+    items: list[SignalOut]
 
 
 class ErrorOut(BaseModel):

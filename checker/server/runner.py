@@ -27,7 +27,7 @@ from checker.errors import CheckerError, CorruptCheckpointError, CriuError, Erro
 from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
 from checker.runtimes.procfs import ProcessIdentity
 from checker.store.checkpoints import LocalCheckpointStore
-from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore
+from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore, TokenRecord
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +40,51 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def answer_from_token(state: StateStore, known: "TokenRecord") -> "CheckpointAnswer":
+    """Answer a repeated call from its stored token: `restored` when the job was restored since."""
+    job = state.get_job(known.job_id)
+    restored = job is not None and job.restore_count > known.restore_count
+    return CheckpointAnswer(restored=restored, checkpoint=known.checkpoint_number, result=known.result)
+
+
 @dataclass(frozen=True)
 class CheckpointAnswer:
     restored: bool
     checkpoint: int
+    result: dict | None = None
+    """For a suspending call: {"signal": ...}, {"timed_out": true} or {"woke": "time"}."""
+
+
+@dataclass(frozen=True)
+class SuspendRequest:
+    """Why and until when a job suspends itself."""
+
+    wake_at: float | None
+    """Unix time to restore the job at; None waits for the signal only."""
+
+    signal: str | None
+    """Name of the signal that wakes the job, or None for a plain sleep."""
 
 
 @dataclass
 class PendingCheckpoint:
-    """One dump that every concurrent checkpoint request of the job shares."""
+    """One dump that every concurrent checkpoint request of the job shares.
+
+    A suspending dump (stop mode) belongs to exactly one call and is never shared.
+    """
 
     tokens: list[str]
     answer: asyncio.Future
     leave_running: bool = True
     dump_finished: bool = False
+    suspend: SuspendRequest | None = None
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Restore a suspended job: its wake time came or its signal arrived."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -109,6 +140,7 @@ class JobRunner:
         self._inflight_tokens: dict[str, PendingCheckpoint] = {}
         self._watcher: asyncio.Task | None = None
         self._exit_deadline: asyncio.TimerHandle | None = None
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
 
     # Public interface, called from HTTP handlers
@@ -119,6 +151,7 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Stop the actor without touching the job's process (server shutdown)."""
+        self._cancel_wake_timer()
         for task in (self._watcher, self._task):
             if task is not None:
                 task.cancel()
@@ -136,9 +169,7 @@ class JobRunner:
         """
         known = self.context.state.get_token(self.job_id, token)
         if known is not None:
-            job = self.context.state.get_job(self.job_id)
-            restored = job is not None and job.restore_count > known.restore_count
-            return CheckpointAnswer(restored=restored, checkpoint=known.checkpoint_number)
+            return answer_from_token(self.context.state, known)
 
         if token in self._inflight_tokens:
             return await asyncio.shield(self._inflight_tokens[token].answer)
@@ -152,6 +183,37 @@ class JobRunner:
         pending.tokens.append(token)
         self._inflight_tokens[token] = pending
         return await asyncio.shield(pending.answer)
+
+    async def request_suspend(self, token: str, request: SuspendRequest) -> CheckpointAnswer:
+        """Suspend the job until `request.wake_at` or its signal, unless a waited-for signal is already here.
+
+        The job's process is dumped in stop mode and ends, so the call is
+        answered in the copy restored at wake-up, which retries it with the
+        same token.
+        """
+        known = self.context.state.get_token(self.job_id, token)
+        if known is not None:
+            return answer_from_token(self.context.state, known)
+        if token in self._inflight_tokens:
+            return await asyncio.shield(self._inflight_tokens[token].answer)
+        self._raise_if_finished()
+
+        if request.signal is not None:
+            delivered = self.context.state.deliver_signal(self.job_id, request.signal, token, self.job.last_checkpoint or 0, self.job.restore_count)
+            if delivered is not None:
+                known = self.context.state.get_token(self.job_id, token)
+                assert known is not None
+                return answer_from_token(self.context.state, known)
+
+        pending = PendingCheckpoint(tokens=[token], answer=asyncio.get_running_loop().create_future(), leave_running=False, suspend=request)
+        self._inflight_tokens[token] = pending
+        self._queue.put_nowait(pending)
+        return await asyncio.shield(pending.answer)
+
+    def signal_arrived(self, name: str) -> None:
+        """Wake the job if it is suspended waiting for signal `name`."""
+        if self.job.state == JobState.SUSPENDED and self.job.wait_signal == name and not self.finished.is_set():
+            self._queue.put_nowait(Wake(reason=f"signal {name!r} arrived"))
 
     async def kill(self, reason: str) -> JobRecord:
         if self.finished.is_set():
@@ -196,6 +258,8 @@ class JobRunner:
             await self._kill(command)
         elif isinstance(command, ExitReport):
             self._record_exit_report(command)
+        elif isinstance(command, Wake):
+            await self._wake(command)
 
     def _fail_command(self, command: Any, error: Exception) -> None:
         future = getattr(command, "answer", None) or getattr(command, "done", None)
@@ -216,13 +280,22 @@ class JobRunner:
     # Boot, start, adopt
 
     async def _boot(self, command: Boot) -> None:
+        leftover = await self.runtime.discard_interrupted_restore(self._launch_spec(), command.adopt)
+        if leftover is not None:
+            self._event("restore_discarded", f"job {self.job_id}: killed process {leftover}, restored by a server that stopped before recording it", pid=leftover)
+            logger.warning("job %s: killed process %d left by an interrupted restore", self.job_id, leftover)
+
         if command.adopt is not None:
             self.process = command.adopt
+            # A server that died between restoring the job stopped and resuming it leaves it stopped.
+            await self.runtime.resume(command.adopt)
             self._watch()
             self._event("adopted", f"job {self.job_id} re-adopted: process {command.adopt.pid} was still running", pid=command.adopt.pid)
             return
         if self.job.state == JobState.PENDING:
             await self._start_fresh(reason="started")
+        elif self.job.state == JobState.SUSPENDED:
+            self._schedule_wake()
         else:
             await self._recover(reason="the server found its process gone at startup")
 
@@ -293,6 +366,7 @@ class JobRunner:
                 self._launch_spec(), self.process, staging, leave_running=pending.leave_running, log_path=self._criu_log(f"dump-{number}"), context=context
             )
         except CheckerError as error:
+            # After a failed dump CRIU lets the job run on, also in stop mode.
             await asyncio.to_thread(hasher.cancel)
             pending.dump_finished = True
             self._event("checkpoint_failed", error.message, checkpoint=number, criu_errors=getattr(error, "error_lines", []))
@@ -302,6 +376,9 @@ class JobRunner:
             return
         dump_seconds = time.monotonic() - started
         pending.dump_finished = True
+        if not pending.leave_running:
+            # CRIU killed the job after a stop-mode dump; its exit is no crash.
+            self.process = None
 
         try:
             hashed_already = await asyncio.to_thread(hasher.finish)
@@ -322,6 +399,8 @@ class JobRunner:
             logger.error("job %s: %s", self.job_id, message)
             self._discard_staging(staging)
             self._resolve_checkpoint(pending, error=CheckerError(ErrorCode.CHECKPOINT_FAILED, message))
+            if self.process is None:
+                await self._recover(reason="its suspending checkpoint could not be stored")
             return
 
         total_seconds = time.monotonic() - started
@@ -338,11 +417,20 @@ class JobRunner:
             created_at=time.time(),
         )
         message = f"checkpoint {number} of job {self.job_id}: {manifest.image_bytes / 1e6:.1f} MB, dump {dump_seconds:.3f} s, total {total_seconds:.3f} s"
-        self.job = self.context.state.record_checkpoint(record, pending.tokens, self.job.restore_count, message, stop=not pending.leave_running)
+        job_values, event_kind = None, "checkpoint"
+        if pending.suspend is not None:
+            job_values = self._suspended_values(pending.suspend, pending.tokens[0])
+            event_kind = "suspended"
+            message += f"; suspended {self._describe_wake(pending.suspend)}"
+        self.job = self.context.state.record_checkpoint(
+            record, pending.tokens, self.job.restore_count, message, stop=not pending.leave_running, job_values=job_values, event_kind=event_kind
+        )
         logger.info(message)
 
         self._resolve_checkpoint(pending, answer=CheckpointAnswer(restored=False, checkpoint=number))
         await asyncio.to_thread(self._apply_retention)
+        if pending.suspend is not None:
+            self._schedule_wake()
 
     def _resolve_checkpoint(self, pending: PendingCheckpoint, answer: CheckpointAnswer | None = None, error: Exception | None = None) -> None:
         if not pending.answer.done():
@@ -431,7 +519,7 @@ class JobRunner:
         await self._recover(reason=f"it crashed ({cause})")
 
     async def _recover(self, reason: str) -> None:
-        """Restore the job from its newest valid checkpoint, or start it again without one."""
+        """Restore the job from its newest valid checkpoint after a crash, or start it again without one."""
         limit = self.context.settings.max_restores_without_progress
         if self.job.failed_restores >= limit:
             self._finish(
@@ -441,7 +529,10 @@ class JobRunner:
             )
             return
         self.job = self.context.state.update_job(self.job_id, failed_restores=self.job.failed_restores + 1)
+        await self._restore_newest(reason)
 
+    async def _restore_newest(self, reason: str) -> None:
+        """Restore the newest valid checkpoint, skipping corrupt ones; start again when none is left."""
         for checkpoint in reversed(self.context.state.list_checkpoints(self.job_id, [CheckpointStatus.VALID])):
             try:
                 await self._restore(checkpoint, reason)
@@ -506,9 +597,72 @@ class JobRunner:
             pid=self.process.pid,
             pid_start_time=self.process.start_time,
             restore_count=restore_number,
+            wake_at=None,
+            wait_signal=None,
+            wait_token=None,
         )
         logger.info(message)
         self._watch()
+
+    # Suspension
+
+    @staticmethod
+    def _suspended_values(request: SuspendRequest, token: str) -> dict[str, Any]:
+        return {
+            "state": JobState.SUSPENDED,
+            "wake_at": request.wake_at,
+            "wait_signal": request.signal,
+            "wait_token": token,
+            "pid": None,
+            "pid_start_time": None,
+        }
+
+    @staticmethod
+    def _describe_wake(request: SuspendRequest) -> str:
+        until = "" if request.wake_at is None else f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(request.wake_at))}"
+        if request.signal is None:
+            return until
+        return f"waiting for signal {request.signal!r}" + (f" {until}" if until else "")
+
+    def _schedule_wake(self) -> None:
+        """Arrange the wake-up of a suspended job: now if its signal is already here, else at its wake time."""
+        self._cancel_wake_timer()
+        job = self.job
+        if job.wait_signal is not None and job.wait_token is not None:
+            token = self.context.state.get_token(self.job_id, job.wait_token)
+            if (token is not None and token.result is not None) or self.context.state.has_pending_signal(self.job_id, job.wait_signal):
+                self._queue.put_nowait(Wake(reason=f"signal {job.wait_signal!r} arrived"))
+                return
+        if job.wake_at is not None:
+            delay = max(0.0, job.wake_at - time.time())
+            self._wake_timer = asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, Wake(reason="its wake time came"))
+
+    def _cancel_wake_timer(self) -> None:
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+
+    async def _wake(self, command: Wake) -> None:
+        """Answer the suspending call durably, then restore the job."""
+        job = self.job
+        if job.state != JobState.SUSPENDED or job.wait_token is None:
+            return
+        self._cancel_wake_timer()
+        token = self.context.state.get_token(self.job_id, job.wait_token)
+        if token is not None and token.result is None:
+            if job.wait_signal is not None:
+                delivered = self.context.state.deliver_signal(self.job_id, job.wait_signal, job.wait_token, token.checkpoint_number, token.restore_count)
+                if delivered is None:
+                    if job.wake_at is None or job.wake_at > time.time():
+                        self._schedule_wake()  # Woken too early: the signal went to another call.
+                        return
+                    self.context.state.set_token_result(self.job_id, job.wait_token, {"timed_out": True})
+            else:
+                self.context.state.set_token_result(self.job_id, job.wait_token, {"woke": "time"})
+
+        self._event("woke", f"job {self.job_id} woke: {command.reason}")
+        logger.info("job %s woke: %s", self.job_id, command.reason)
+        await self._restore_newest(reason=f"it was suspended and {command.reason}")
 
     def _rewind_logs(self, sizes: dict[str, int]) -> None:
         """Cut the logs back to their size at the checkpoint.
@@ -526,6 +680,7 @@ class JobRunner:
     # Kill and finish
 
     async def _kill(self, command: KillCommand) -> None:
+        self._cancel_wake_timer()
         if self.process is not None:
             await self.runtime.kill(self.process)
             self.process = None

@@ -107,8 +107,28 @@ def _initial_schema(dialect: str) -> list[str]:
     ]
 
 
+def _suspend_and_signals(dialect: str) -> list[str]:
+    return [
+        "ALTER TABLE jobs ADD COLUMN wake_at DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN wait_signal TEXT",
+        "ALTER TABLE jobs ADD COLUMN wait_token TEXT",
+        "ALTER TABLE checkpoint_tokens ADD COLUMN result TEXT",
+        f"""CREATE TABLE signals (
+            seq {_serial_key(dialect)},
+            job_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            delivered_token TEXT,
+            delivered_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX signals_pending ON signals (job_id, name, delivered_token, seq)",
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "job definitions, jobs, checkpoints, checkpoint tokens, job events", _initial_schema),
+    Migration(2, "suspended jobs and signals", _suspend_and_signals),
 )
 
 

@@ -95,6 +95,9 @@ jobs = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("updated_at", Float, nullable=False),
+    Column("wake_at", Float),
+    Column("wait_signal", String),
+    Column("wait_token", String),
 )
 
 checkpoints = Table(
@@ -120,6 +123,19 @@ checkpoint_tokens = Table(
     Column("checkpoint_number", Integer, nullable=False),
     Column("restore_count", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("result", JSONText),
+)
+
+signals = Table(
+    "signals",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("payload", JSONText, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("delivered_token", String),
+    Column("delivered_at", Float),
 )
 
 job_events = Table(
@@ -194,6 +210,12 @@ class JobRecord:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    wake_at: float | None = None
+    """Unix time at which a suspended job is restored; None waits for a signal only."""
+    wait_signal: str | None = None
+    """Name of the signal a suspended job waits for."""
+    wait_token: str | None = None
+    """Token of the suspending call that the wake-up answers."""
 
     @property
     def terminal(self) -> bool:
@@ -221,6 +243,19 @@ class TokenRecord:
     checkpoint_number: int
     restore_count: int
     created_at: float
+    result: dict | None = None
+    """What a suspending call returns on wake-up ({"signal": ...} or {"timed_out": true}), once known."""
+
+
+@dataclass(frozen=True)
+class SignalRecord:
+    seq: int
+    job_id: str
+    name: str
+    payload: Any
+    created_at: float
+    delivered_token: str | None
+    delivered_at: float | None
 
 
 @dataclass(frozen=True)
@@ -365,8 +400,21 @@ class StateStore:
 
     # Checkpoints
 
-    def record_checkpoint(self, checkpoint: CheckpointRecord, tokens: Iterable[str], restore_count: int, event_message: str, stop: bool) -> JobRecord:
-        """Store a completed checkpoint, the tokens it answers, and the job's new counters, atomically."""
+    def record_checkpoint(
+        self,
+        checkpoint: CheckpointRecord,
+        tokens: Iterable[str],
+        restore_count: int,
+        event_message: str,
+        stop: bool,
+        job_values: dict[str, Any] | None = None,
+        event_kind: str = "checkpoint",
+    ) -> JobRecord:
+        """Store a completed checkpoint, the tokens it answers, and the job's new state, atomically.
+
+        `job_values` sets more job fields in the same transaction, such as the
+        suspended state and wake time of a job that suspends at this checkpoint.
+        """
         now = time.time()
         with self.engine.begin() as connection:
             connection.execute(insert(checkpoints).values(**checkpoint.__dict__))
@@ -381,10 +429,11 @@ class StateStore:
                 "checkpoint_count": jobs.c.checkpoint_count + 1,
                 "failed_restores": 0,
                 "updated_at": now,
+                **(job_values or {}),
             }
             connection.execute(update(jobs).where(jobs.c.id == checkpoint.job_id).values(**values))
             data = {"checkpoint": checkpoint.number, "size_bytes": checkpoint.size_bytes, "dump_seconds": checkpoint.dump_seconds, "stop": stop}
-            self._insert_event(connection, checkpoint.job_id, "checkpoint", event_message, data)
+            self._insert_event(connection, checkpoint.job_id, event_kind, event_message, data)
         job = self.get_job(checkpoint.job_id)
         assert job is not None
         return job
@@ -412,6 +461,82 @@ class StateStore:
                 select(checkpoint_tokens).where(checkpoint_tokens.c.job_id == job_id, checkpoint_tokens.c.token == token)
             ).mappings().first()
         return None if row is None else TokenRecord(**row)
+
+    def set_token_result(self, job_id: str, token: str, result: dict) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(checkpoint_tokens).where(checkpoint_tokens.c.job_id == job_id, checkpoint_tokens.c.token == token).values(result=result)
+            )
+
+    # Signals
+
+    def add_signal(self, job_id: str, name: str, payload: Any) -> SignalRecord:
+        with self.engine.begin() as connection:
+            seq = connection.execute(
+                insert(signals).values(job_id=job_id, name=name, payload=payload, created_at=time.time()).returning(signals.c.seq)
+            ).scalar_one()
+            self._insert_event(connection, job_id, "signal_received", f"signal {name!r} ({seq}) received for job {job_id}", {"signal": seq, "name": name})
+        signal = self.get_signal(seq)
+        assert signal is not None
+        return signal
+
+    def get_signal(self, seq: int) -> SignalRecord | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(signals).where(signals.c.seq == seq)).mappings().first()
+        return None if row is None else SignalRecord(**row)
+
+    def list_signals(self, job_id: str) -> list[SignalRecord]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(signals).where(signals.c.job_id == job_id).order_by(signals.c.seq)).mappings()
+            return [SignalRecord(**row) for row in rows]
+
+    def has_pending_signal(self, job_id: str, name: str) -> bool:
+        with self.engine.connect() as connection:
+            return connection.execute(self._oldest_pending(job_id, name)).first() is not None
+
+    def deliver_signal(self, job_id: str, name: str, token: str, checkpoint_number: int, restore_count: int) -> SignalRecord | None:
+        """Bind the oldest undelivered signal `name` to the call `token`, once; return it, or None when there is none.
+
+        The signal and the token's result change in one transaction, so a
+        signal is delivered exactly once: a retry of the same call finds the
+        token's result, and a later call gets the next signal.
+        """
+        now = time.time()
+        with self.engine.begin() as connection:
+            row = connection.execute(self._oldest_pending(job_id, name)).mappings().first()
+            if row is None:
+                return None
+            claimed = connection.execute(
+                update(signals).where(signals.c.seq == row["seq"], signals.c.delivered_token.is_(None)).values(delivered_token=token, delivered_at=now)
+            ).rowcount
+            if claimed != 1:
+                return None
+
+            result = {"signal": {"name": row["name"], "payload": row["payload"], "seq": row["seq"]}}
+            existing = connection.execute(
+                select(checkpoint_tokens.c.token).where(checkpoint_tokens.c.job_id == job_id, checkpoint_tokens.c.token == token)
+            ).first()
+            if existing is None:
+                connection.execute(
+                    insert(checkpoint_tokens).values(
+                        job_id=job_id, token=token, checkpoint_number=checkpoint_number, restore_count=restore_count, created_at=now, result=result
+                    )
+                )
+            else:
+                connection.execute(
+                    update(checkpoint_tokens).where(checkpoint_tokens.c.job_id == job_id, checkpoint_tokens.c.token == token).values(result=result)
+                )
+            self._insert_event(connection, job_id, "signal_delivered", f"signal {name!r} ({row['seq']}) delivered to job {job_id}", {"signal": row["seq"], "name": name})
+        return SignalRecord(**{**row, "delivered_token": token, "delivered_at": now})
+
+    @staticmethod
+    def _oldest_pending(job_id: str, name: str) -> Any:
+        return (
+            select(signals)
+            .where(signals.c.job_id == job_id, signals.c.name == name, signals.c.delivered_token.is_(None))
+            .order_by(signals.c.seq)
+            .limit(1)
+        )
 
     # Events
 
