@@ -60,6 +60,9 @@ class Settings:
     max_restores_without_progress: int = 3
     """Crashes tolerated from the same checkpoint before the job is failed."""
 
+    checkpoint_lock_timeout_seconds: float = 60.0
+    """How long a checkpoint waits for the job's checkpoint locks before it fails (the job keeps running)."""
+
     exit_grace_seconds: float = 30.0
     """How long a job may keep running after reporting its exit before it is killed."""
 
@@ -79,5 +82,7 @@ class Settings:
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints is {self.keep_checkpoints}; keep at least 1 checkpoint per job")
+        if self.checkpoint_lock_timeout_seconds <= 0:
+            raise ValueError(f"checkpoint lock timeout {self.checkpoint_lock_timeout_seconds} s is invalid; give a positive number of seconds")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range 0-65535")

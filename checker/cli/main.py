@@ -80,6 +80,7 @@ def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Set
         criu_path=args.criu,
         api_token=getattr(args, "api_token", None) or os.environ.get("CHECKER_API_TOKEN") or None,
         keep_checkpoints=getattr(args, "keep_checkpoints", 3),
+        checkpoint_lock_timeout_seconds=getattr(args, "checkpoint_lock_timeout", 60.0),
     )
 
 
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--database-url", help="SQLAlchemy URL of the state store (default SQLite in the state directory).")
     server.add_argument("--api-token", help="Bearer token required on the caller API (default $CHECKER_API_TOKEN; required off loopback).")
     server.add_argument("--keep-checkpoints", type=int, default=3, help="Most recent checkpoints kept per job (default 3).")
+    server.add_argument(
+        "--checkpoint-lock-timeout", type=float, default=60.0, help="Seconds a checkpoint waits for the job's checkpoint locks before it fails (default 60)."
+    )
     add_server_options(server)
     server.set_defaults(handler=command_server)
 

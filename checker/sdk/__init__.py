@@ -16,8 +16,11 @@ import sys
 import threading
 from typing import Any, NoReturn
 
+import contextlib
+import contextvars
 import datetime
 import time
+from collections.abc import Iterator
 
 from checker.sdk.client import ENV_PARAMS, CheckpointResult, RuntimeAPIError, RuntimeClient, SignalResult, flush_standard_streams, parse_duration
 
@@ -26,6 +29,7 @@ __all__ = [
     "RuntimeAPIError",
     "SignalResult",
     "checkpoint",
+    "checkpoint_lock",
     "exit",
     "in_checker",
     "params",
@@ -54,8 +58,42 @@ def in_checker() -> bool:
     return _runtime_client() is not None
 
 
+# Checkpoint locks held by the current thread or asyncio task. A ContextVar is
+# per thread and per task, and asyncio.to_thread copies it into the worker.
+_locks_held: contextvars.ContextVar[int] = contextvars.ContextVar("checker_locks_held", default=0)
+
+
+def _refuse_checkpoint_under_lock() -> None:
+    if _locks_held.get():
+        raise RuntimeAPIError("checkpoint() inside checkpoint_lock() would wait for its own lock; take the checkpoint outside the lock")
+
+
+@contextlib.contextmanager
+def checkpoint_lock() -> Iterator[None]:
+    """Hold off checkpoints while the block runs, so none cuts its work in half.
+
+    Any number of threads may hold locks at once; a checkpoint waits until
+    none is held, and new locks wait while a checkpoint is pending. The lock is
+    released on leaving the block, also by an exception. Outside Checker it
+    does nothing.
+    """
+    client = _runtime_client()
+    if client is None:
+        yield
+        return
+
+    lock = client.acquire_lock()
+    depth = _locks_held.set(_locks_held.get() + 1)
+    try:
+        yield
+    finally:
+        _locks_held.reset(depth)
+        client.release_lock(lock)
+
+
 def checkpoint() -> CheckpointResult:
     """Snapshot this whole process; return whether this is the continuing or a restored copy."""
+    _refuse_checkpoint_under_lock()
     client = _runtime_client()
     if client is None:
         return CheckpointResult(restored=False, number=None, standalone=True)

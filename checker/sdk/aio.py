@@ -8,10 +8,29 @@ whole process anyway; the thread only keeps the loop responsive before and after
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 from checker import sdk
 from checker.sdk.client import CheckpointResult, SignalResult
+
+
+@contextlib.asynccontextmanager
+async def checkpoint_lock() -> AsyncIterator[None]:
+    """Hold off checkpoints while the block runs; see `checker.checkpoint_lock`."""
+    client = sdk._runtime_client()
+    if client is None:
+        yield
+        return
+
+    lock = await asyncio.to_thread(client.acquire_lock)
+    depth = sdk._locks_held.set(sdk._locks_held.get() + 1)
+    try:
+        yield
+    finally:
+        sdk._locks_held.reset(depth)
+        await asyncio.to_thread(client.release_lock, lock)
 
 
 async def checkpoint() -> CheckpointResult:

@@ -36,6 +36,11 @@ CHECKPOINT_TIMEOUT_SECONDS = 3600.0
 """Maximum wait for the response to one checkpoint call, in seconds; dumping a large job takes seconds."""
 
 
+# Statuses that mean "try again": a server starting or overloaded, or a proxy
+# that lost it. A 500 is a failed operation (a dump that failed, say) and is raised.
+RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+
+
 class RuntimeAPIError(Exception):
     """A call to the runtime API was rejected (4xx) or never succeeded in time."""
 
@@ -177,6 +182,15 @@ class RuntimeClient:
         signal = answer.get("signal")
         return None if signal is None else SignalResult(name=name, received=True, payload=signal["payload"])
 
+    def acquire_lock(self) -> str:
+        """Take a checkpoint lock; wait while a checkpoint is pending. Return the lock's name."""
+        token = secrets.token_hex(16)
+        self._call("POST", "locks", {"token": token}, timeout=CHECKPOINT_TIMEOUT_SECONDS)
+        return token
+
+    def release_lock(self, lock: str) -> None:
+        self._call("DELETE", f"locks/{lock}", None, timeout=60.0)
+
     def report_exit(self, output: Any, exit_code: int) -> None:
         """Store the job's result on the server before the process exits."""
         self._call("POST", "exit", {"exit_code": exit_code, "output": output}, timeout=60.0)
@@ -194,8 +208,8 @@ class RuntimeClient:
             else:
                 if status < 300:
                     return payload
-                if status < 500 and status != 429:
-                    raise RuntimeAPIError(f"{method} {path} was rejected with {status}: {payload.get('detail', payload)}", status)
+                if status not in RETRIED_STATUSES:
+                    raise RuntimeAPIError(f"{method} {path} failed with {status}: {payload.get('detail', payload)}", status)
                 last_problem = f"HTTP {status}: {payload.get('detail', payload)}"
 
             if time.monotonic() + delay > deadline:

@@ -318,6 +318,16 @@ def build_runtime_router() -> APIRouter:
     async def receive_signal(body: models.ReceiveSignalBody, job: AuthenticatedJob, manager: Manager) -> models.ReceiveSignalResponse:
         return models.ReceiveSignalResponse(signal=manager.receive_signal(job.id, body.token, body.name))
 
+    @router.post("/locks", response_model=models.LockResponse)
+    async def acquire_lock(body: models.LockBody, job: AuthenticatedJob, manager: Manager) -> models.LockResponse:
+        await manager.acquire_lock(job.id, body.token)
+        return models.LockResponse(lock=body.token, held=True)
+
+    @router.delete("/locks/{lock}", response_model=models.LockResponse)
+    async def release_lock(lock: str, job: AuthenticatedJob, manager: Manager) -> models.LockResponse:
+        released = await manager.release_lock(job.id, lock)
+        return models.LockResponse(lock=lock, held=False, released=released)
+
     @router.post("/exit", status_code=200)
     async def report_exit(body: models.ExitRequest, job: AuthenticatedJob, manager: Manager) -> dict:
         await manager.report_exit(job.id, body.exit_code, body.output)

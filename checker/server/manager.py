@@ -175,6 +175,12 @@ class JobManager:
             return None
         return {"name": delivered.name, "payload": delivered.payload, "seq": delivered.seq}
 
+    async def acquire_lock(self, job_id: str, token: str) -> None:
+        await self.runner_for(job_id).locks.acquire(token)
+
+    async def release_lock(self, job_id: str, token: str) -> bool:
+        return await self.runner_for(job_id).locks.release(token)
+
     async def report_exit(self, job_id: str, exit_code: int, output: Any) -> None:
         await self.runner_for(job_id).report_exit(exit_code, output)
 

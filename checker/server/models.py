@@ -247,6 +247,16 @@ class SignalList(BaseModel):
     items: list[SignalOut]
 
 
+class LockBody(StrictModel):
+    token: str = CALL_TOKEN
+
+
+class LockResponse(BaseModel):
+    lock: str
+    held: bool
+    released: bool | None = Field(default=None, description="On release: whether the lock was held.")
+
+
 class ErrorOut(BaseModel):
     error: str
     detail: str

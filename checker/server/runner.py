@@ -26,6 +26,7 @@ from checker.config import Settings
 from checker.errors import CheckerError, CorruptCheckpointError, CriuError, ErrorCode
 from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
 from checker.runtimes.procfs import ProcessIdentity
+from checker.server.locks import CheckpointLocks
 from checker.store.checkpoints import LocalCheckpointStore
 from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore, TokenRecord
 
@@ -142,6 +143,7 @@ class JobRunner:
         self._exit_deadline: asyncio.TimerHandle | None = None
         self._wake_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
+        self.locks = CheckpointLocks()
 
     # Public interface, called from HTTP handlers
 
@@ -354,6 +356,40 @@ class JobRunner:
             self._resolve_checkpoint(pending, error=CheckerError(ErrorCode.INVALID_STATE, f"job {self.job_id} is {self.job.state}; no process to checkpoint"))
             return
 
+        try:
+            await self._wait_for_locks()
+        except CheckerError as error:
+            pending.dump_finished = True
+            self._event("checkpoint_failed", error.message, locks_held=self.locks.held)
+            logger.error("job %s: %s", self.job_id, error.message)
+            self._resolve_checkpoint(pending, error=error)
+            return
+        try:
+            await self._dump_and_store(pending)
+        finally:
+            await self.locks.end_checkpoint()
+
+    async def _wait_for_locks(self) -> None:
+        """Wait until the job holds no checkpoint lock; give up on timeout or when the process ends."""
+        timeout = self.context.settings.checkpoint_lock_timeout_seconds
+        begin = asyncio.create_task(self.locks.begin_checkpoint(timeout))
+        waiting_on = {begin} | ({self._watcher} if self._watcher is not None else set())
+        await asyncio.wait(waiting_on, return_when=asyncio.FIRST_COMPLETED)
+
+        if not begin.done():
+            begin.cancel()
+            await asyncio.gather(begin, return_exceptions=True)
+            raise CheckerError(ErrorCode.INVALID_STATE, f"checkpoint of job {self.job_id} abandoned: the job's process ended while it waited for checkpoint locks")
+        try:
+            begin.result()
+        except TimeoutError:
+            raise CheckerError(
+                ErrorCode.CHECKPOINT_FAILED,
+                f"checkpoint of job {self.job_id} timed out after {timeout:g} s waiting for {self.locks.held} checkpoint lock(s) to be released; "
+                "the job keeps running. Release locks sooner, or raise the server's --checkpoint-lock-timeout",
+            ) from None
+
+    async def _dump_and_store(self, pending: PendingCheckpoint) -> None:
         number = self.context.state.max_checkpoint_number(self.job_id) + 1
         context = f"checkpoint {number} of job {self.job_id} (runtime {self.job.runtime_type})"
         staging = self.context.checkpoints.begin(self.job_id, number)
@@ -496,6 +532,9 @@ class JobRunner:
         if exited.process != self.process:
             return  # A process this runner already replaced or stopped.
         self.process = None
+        released = await self.locks.release_all()
+        if released:
+            self._event("locks_released", f"job {self.job_id}: released {released} checkpoint lock(s) held by its ended process", count=released)
         status = exited.status
 
         if self.job.output_reported:
@@ -681,6 +720,7 @@ class JobRunner:
 
     async def _kill(self, command: KillCommand) -> None:
         self._cancel_wake_timer()
+        await self.locks.release_all()
         if self.process is not None:
             await self.runtime.kill(self.process)
             self.process = None
