@@ -63,6 +63,12 @@ class Settings:
     checkpoint_lock_timeout_seconds: float = 60.0
     """How long a checkpoint waits for the job's checkpoint locks before it fails (the job keeps running)."""
 
+    drain_on_shutdown: bool = False
+    """Checkpoint and suspend running jobs when the server stops (SIGTERM or SIGINT)."""
+
+    drain_timeout_seconds: float = 60.0
+    """Longest time a drain waits for the jobs' checkpoints; jobs not suspended by then keep running."""
+
     exit_grace_seconds: float = 30.0
     """How long a job may keep running after reporting its exit before it is killed."""
 

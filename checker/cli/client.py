@@ -99,6 +99,12 @@ class CallerClient:
     def checkpoints(self, job_id: str) -> list[dict]:
         return self.request("GET", f"/v1/jobs/{job_id}/checkpoints").json()["items"]
 
+    def checkpoint(self, job_id: str, suspend: bool = False) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/checkpoint", json={"suspend": suspend}, timeout=3600).json()
+
+    def resume(self, job_id: str) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/resume").json()
+
     def send_signal(self, job_id: str, name: str, payload: Any = None) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/signals", json={"name": name, "payload": payload}).json()
 

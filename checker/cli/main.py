@@ -81,6 +81,8 @@ def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Set
         api_token=getattr(args, "api_token", None) or os.environ.get("CHECKER_API_TOKEN") or None,
         keep_checkpoints=getattr(args, "keep_checkpoints", 3),
         checkpoint_lock_timeout_seconds=getattr(args, "checkpoint_lock_timeout", 60.0),
+        drain_on_shutdown=not getattr(args, "no_drain", True),
+        drain_timeout_seconds=getattr(args, "drain_timeout", 60.0),
     )
 
 
@@ -287,6 +289,21 @@ def command_jobs_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_jobs_checkpoint(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        taken = client.checkpoint(args.job, suspend=args.suspend)
+    state = "suspended; resume it with 'checker jobs resume'" if taken["suspended"] else "running"
+    print(f"job {args.job}: checkpoint {taken['checkpoint']} taken; the job is {state}")
+    return 0
+
+
+def command_jobs_resume(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.resume(args.job)
+    print(f"job {job['id']} resuming from its last checkpoint")
+    return 0
+
+
 def command_logs(args: argparse.Namespace) -> int:
     with connect(args) as client:
         offset = 0
@@ -342,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-token", help="Bearer token required on the caller API (default $CHECKER_API_TOKEN; required off loopback).")
     server.add_argument("--keep-checkpoints", type=int, default=3, help="Most recent checkpoints kept per job (default 3).")
     server.add_argument(
+        "--no-drain",
+        action="store_true",
+        help="On SIGTERM or SIGINT, leave running jobs running for the next server to re-adopt, instead of checkpointing and suspending them.",
+    )
+    server.add_argument("--drain-timeout", type=float, default=60.0, help="Seconds a drain waits for the jobs' checkpoints (default 60).")
+    server.add_argument(
         "--checkpoint-lock-timeout", type=float, default=60.0, help="Seconds a checkpoint waits for the job's checkpoint locks before it fails (default 60)."
     )
     add_server_options(server)
@@ -373,6 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_kill.add_argument("job")
     add_client_options(jobs_kill)
     jobs_kill.set_defaults(handler=command_jobs_kill)
+
+    jobs_checkpoint = jobs_commands.add_parser("checkpoint", help="Checkpoint a running job now (it obeys the job's checkpoint locks).")
+    jobs_checkpoint.add_argument("job")
+    jobs_checkpoint.add_argument("--suspend", action="store_true", help="Stop the job after the checkpoint until 'checker jobs resume'.")
+    add_client_options(jobs_checkpoint)
+    jobs_checkpoint.set_defaults(handler=command_jobs_checkpoint)
+    jobs_resume = jobs_commands.add_parser("resume", help="Restore a suspended job now.")
+    jobs_resume.add_argument("job")
+    add_client_options(jobs_resume)
+    jobs_resume.set_defaults(handler=command_jobs_resume)
 
     logs = commands.add_parser("logs", help="Print a job's output.")
     logs.add_argument("job")

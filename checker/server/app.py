@@ -270,6 +270,16 @@ def build_caller_router() -> APIRouter:
         manager.get_job(job_id)
         return models.CheckpointList(items=[checkpoint_out(c) for c in manager.state.list_checkpoints(job_id)])
 
+    @router.post("/jobs/{job_id}/checkpoint", response_model=models.ExternalCheckpointOut)
+    async def checkpoint_job(job_id: str, manager: Manager, body: models.ExternalCheckpointBody | None = None) -> models.ExternalCheckpointOut:
+        suspend = body.suspend if body is not None else False
+        answer = await manager.checkpoint_from_outside(job_id, suspend)
+        return models.ExternalCheckpointOut(checkpoint=answer.checkpoint, suspended=suspend)
+
+    @router.post("/jobs/{job_id}/resume", response_model=models.JobOut)
+    async def resume_job(job_id: str, manager: Manager) -> models.JobOut:
+        return job_out(manager.resume(job_id))
+
     @router.post("/jobs/{job_id}/signals", status_code=202, response_model=models.SignalOut)
     async def send_signal(job_id: str, body: models.SignalSend, manager: Manager) -> models.SignalOut:
         return signal_out(manager.send_signal(job_id, body.name, body.payload))

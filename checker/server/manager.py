@@ -65,9 +65,54 @@ class JobManager:
             logger.info("recovery: supervising %d unfinished job(s)", len(self.runners))
 
     async def shutdown(self) -> None:
-        """Stop every runner but leave the jobs' processes running for the next server."""
+        """Stop every runner, after draining running jobs when the settings ask for it.
+
+        Without a drain, running jobs keep running and the next server
+        re-adopts them.
+        """
+        if self.settings.drain_on_shutdown:
+            await self.drain(self.settings.drain_timeout_seconds)
         await asyncio.gather(*(runner.stop() for runner in list(self.runners.values())))
         self.runners.clear()
+
+    async def drain(self, timeout: float) -> dict[str, str]:
+        """Checkpoint and suspend every running job so the next server resumes it; return {job id: problem} for jobs not drained.
+
+        Each job's checkpoint obeys its checkpoint locks. Jobs still not
+        suspended after `timeout` seconds keep running, and the next server
+        re-adopts them.
+        """
+        runners = [r for r in self.runners.values() if r.job.state == JobState.RUNNING]
+        for runner in self.runners.values():
+            runner.draining = True
+        if not runners:
+            return {}
+        logger.info("draining %d running job(s) before shutdown (at most %.0f s)", len(runners), timeout)
+
+        async def drain_one(runner: JobRunner) -> None:
+            await runner.request_external_checkpoint(suspend_until=0.0, suspend=True)
+
+        tasks = {runner.job_id: asyncio.create_task(drain_one(runner)) for runner in runners}
+        done, pending = await asyncio.wait(tasks.values(), timeout=timeout)
+        problems = {}
+        for job_id, task in tasks.items():
+            if task in pending:
+                task.cancel()
+                problems[job_id] = f"not suspended within {timeout:.0f} s"
+            elif task.exception() is not None:
+                error = task.exception()
+                problems[job_id] = getattr(error, "message", str(error))
+        for job_id, problem in problems.items():
+            logger.warning("drain: job %s keeps running: %s", job_id, problem)
+        logger.info("drain finished: %d of %d job(s) suspended", len(runners) - len(problems), len(runners))
+        return problems
+
+    async def checkpoint_from_outside(self, job_id: str, suspend: bool) -> CheckpointAnswer:
+        return await self.runner_for(job_id).request_external_checkpoint(suspend_until=None, suspend=suspend)
+
+    def resume(self, job_id: str) -> JobRecord:
+        self.runner_for(job_id).resume()
+        return self.get_job(job_id)
 
     def _start_runner(self, job: JobRecord, adopt: ProcessIdentity | None = None) -> JobRunner:
         runner = JobRunner(job, self.context)

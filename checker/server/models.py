@@ -247,6 +247,15 @@ class SignalList(BaseModel):
     items: list[SignalOut]
 
 
+class ExternalCheckpointBody(StrictModel):
+    suspend: bool = Field(default=False, description="Stop the job after the checkpoint; it stays suspended until resumed.")
+
+
+class ExternalCheckpointOut(BaseModel):
+    checkpoint: int
+    suspended: bool
+
+
 class LockBody(StrictModel):
     token: str = CALL_TOKEN
 

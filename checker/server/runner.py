@@ -81,6 +81,9 @@ class PendingCheckpoint:
     suspend: SuspendRequest | None = None
 
 
+RESUMED_BY_CALLER = "a caller resumed it"
+
+
 @dataclass(frozen=True)
 class Wake:
     """Restore a suspended job: its wake time came or its signal arrived."""
@@ -144,6 +147,9 @@ class JobRunner:
         self._wake_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
         self.locks = CheckpointLocks()
+        self.draining = False
+        """Set while the server shuts down: the runner suspends jobs but wakes none."""
+        self._timeout_timer: asyncio.TimerHandle | None = None
 
     # Public interface, called from HTTP handlers
 
@@ -211,6 +217,35 @@ class JobRunner:
         self._inflight_tokens[token] = pending
         self._queue.put_nowait(pending)
         return await asyncio.shield(pending.answer)
+
+    async def request_external_checkpoint(self, suspend_until: float | None, suspend: bool) -> CheckpointAnswer:
+        """Checkpoint the job from outside (a caller or a drain), obeying its checkpoint locks.
+
+        With `suspend`, the job is checkpointed in stop mode and stays
+        suspended until `suspend_until` (Unix time), or until resumed when that is None.
+        """
+        self._raise_if_finished()
+        if self.job.state != JobState.RUNNING:
+            raise CheckerError(ErrorCode.INVALID_STATE, f"job {self.job_id} is {self.job.state}; only a running job can be checkpointed")
+        if not suspend:
+            pending = self._pending_checkpoint
+            if pending is None or pending.dump_finished:
+                pending = PendingCheckpoint(tokens=[], answer=asyncio.get_running_loop().create_future())
+                self._pending_checkpoint = pending
+                self._queue.put_nowait(pending)
+            return await asyncio.shield(pending.answer)
+
+        request = SuspendRequest(wake_at=suspend_until, signal=None)
+        pending = PendingCheckpoint(tokens=[], answer=asyncio.get_running_loop().create_future(), leave_running=False, suspend=request)
+        self._queue.put_nowait(pending)
+        return await asyncio.shield(pending.answer)
+
+    def resume(self) -> None:
+        """Wake a suspended job now, whatever it waits for."""
+        self._raise_if_finished()
+        if self.job.state != JobState.SUSPENDED:
+            raise CheckerError(ErrorCode.INVALID_STATE, f"job {self.job_id} is {self.job.state}; only a suspended job can be resumed")
+        self._queue.put_nowait(Wake(reason=RESUMED_BY_CALLER))
 
     def signal_arrived(self, name: str) -> None:
         """Wake the job if it is suspended waiting for signal `name`."""
@@ -455,7 +490,7 @@ class JobRunner:
         message = f"checkpoint {number} of job {self.job_id}: {manifest.image_bytes / 1e6:.1f} MB, dump {dump_seconds:.3f} s, total {total_seconds:.3f} s"
         job_values, event_kind = None, "checkpoint"
         if pending.suspend is not None:
-            job_values = self._suspended_values(pending.suspend, pending.tokens[0])
+            job_values = self._suspended_values(pending.suspend, pending.tokens[0] if pending.tokens else None)
             event_kind = "suspended"
             message += f"; suspended {self._describe_wake(pending.suspend)}"
         self.job = self.context.state.record_checkpoint(
@@ -646,7 +681,7 @@ class JobRunner:
     # Suspension
 
     @staticmethod
-    def _suspended_values(request: SuspendRequest, token: str) -> dict[str, Any]:
+    def _suspended_values(request: SuspendRequest, token: str | None) -> dict[str, Any]:
         return {
             "state": JobState.SUSPENDED,
             "wake_at": request.wake_at,
@@ -660,13 +695,15 @@ class JobRunner:
     def _describe_wake(request: SuspendRequest) -> str:
         until = "" if request.wake_at is None else f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(request.wake_at))}"
         if request.signal is None:
-            return until
+            return until or "until resumed"
         return f"waiting for signal {request.signal!r}" + (f" {until}" if until else "")
 
     def _schedule_wake(self) -> None:
         """Arrange the wake-up of a suspended job: now if its signal is already here, else at its wake time."""
         self._cancel_wake_timer()
         job = self.job
+        if self.draining:
+            return  # The next server wakes it.
         if job.wait_signal is not None and job.wait_token is not None:
             token = self.context.state.get_token(self.job_id, job.wait_token)
             if (token is not None and token.result is not None) or self.context.state.has_pending_signal(self.job_id, job.wait_signal):
@@ -682,17 +719,22 @@ class JobRunner:
             self._wake_timer = None
 
     async def _wake(self, command: Wake) -> None:
-        """Answer the suspending call durably, then restore the job."""
+        """Answer the suspending call durably, then restore the job.
+
+        A job suspended from outside (a drain, or a caller's request) has no
+        call to answer and is only restored.
+        """
         job = self.job
-        if job.state != JobState.SUSPENDED or job.wait_token is None:
+        if job.state != JobState.SUSPENDED or self.draining:
             return
         self._cancel_wake_timer()
-        token = self.context.state.get_token(self.job_id, job.wait_token)
-        if token is not None and token.result is None:
+        token = self.context.state.get_token(self.job_id, job.wait_token) if job.wait_token is not None else None
+        if token is not None and job.wait_token is not None and token.result is None:
             if job.wait_signal is not None:
                 delivered = self.context.state.deliver_signal(self.job_id, job.wait_signal, job.wait_token, token.checkpoint_number, token.restore_count)
                 if delivered is None:
-                    if job.wake_at is None or job.wake_at > time.time():
+                    resumed_by_caller = command.reason == RESUMED_BY_CALLER
+                    if not resumed_by_caller and (job.wake_at is None or job.wake_at > time.time()):
                         self._schedule_wake()  # Woken too early: the signal went to another call.
                         return
                     self.context.state.set_token_result(self.job_id, job.wait_token, {"timed_out": True})
