@@ -64,8 +64,20 @@ class CallerClient:
     def health(self) -> dict:
         return self.request("GET", "/v1/health").json()
 
-    def create_definition(self, name: str, command: list[str], env: dict[str, str] | None = None, metadata: dict | None = None) -> dict:
-        body = {"name": name, "runtime": {"type": "process", "command": command, "env": env or {}}, "metadata": metadata or {}}
+    def create_definition(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        metadata: dict | None = None,
+        retry_policy: dict | None = None,
+        execution_timeout_seconds: float | None = None,
+    ) -> dict:
+        body: dict[str, Any] = {"name": name, "runtime": {"type": "process", "command": command, "env": env or {}}, "metadata": metadata or {}}
+        if retry_policy is not None:
+            body["retry_policy"] = retry_policy
+        if execution_timeout_seconds is not None:
+            body["execution_timeout_seconds"] = execution_timeout_seconds
         return self.request("POST", "/v1/job-definitions", json=body).json()
 
     def spawn(self, definition: str, params: dict | None = None, env: dict | None = None, version: int | None = None, idempotency_key: str | None = None, metadata: dict | None = None) -> dict:

@@ -384,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="List, show and kill jobs.")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     jobs_list = jobs_commands.add_parser("list", help="List jobs, oldest first.")
-    jobs_list.add_argument("--state", action="append", choices=["pending", "running", "suspended", "completed", "failed"], help="Only jobs in this state; repeat for several.")
+    jobs_list.add_argument(
+        "--state",
+        action="append",
+        choices=["pending", "running", "suspended", "pending_retry", "completed", "failed"],
+        help="Only jobs in this state; repeat for several.",
+    )
     jobs_list.add_argument("--limit", type=int, default=100, help="Most jobs to list (default 100).")
     add_client_options(jobs_list)
     jobs_list.set_defaults(handler=command_jobs_list)

@@ -34,6 +34,8 @@ def definition_out(record: DefinitionRecord) -> models.DefinitionOut:
         runtime={"type": record.runtime_type, **record.runtime_config},
         metadata=record.metadata,
         created_at=models.iso_time(record.created_at),
+        retry_policy=record.retry_policy,
+        execution_timeout_seconds=record.execution_timeout_seconds,
     )
 
 
@@ -62,6 +64,10 @@ def job_out(job: JobRecord) -> models.JobOut:
         updated_at=models.iso_time(job.updated_at),
         wake_at=models.iso_time(job.wake_at),
         wait_signal=job.wait_signal,
+        attempt=job.attempt,
+        next_attempt_at=models.iso_time(job.next_attempt_at),
+        attempt_errors=job.attempt_errors or [],
+        execution_timeout_seconds=job.execution_timeout_seconds,
     )
 
 
@@ -184,7 +190,8 @@ def build_caller_router() -> APIRouter:
     @router.post("/job-definitions", status_code=201, response_model=models.DefinitionOut)
     async def create_definition(body: models.DefinitionCreate, manager: Manager) -> models.DefinitionOut:
         config = body.runtime.model_dump(exclude={"type"})
-        record = manager.state.create_definition(body.name, body.runtime.type, config, body.metadata)
+        retry_policy = body.retry_policy.model_dump() if body.retry_policy is not None else None
+        record = manager.state.create_definition(body.name, body.runtime.type, config, body.metadata, retry_policy, body.execution_timeout_seconds)
         logger.info("job definition %s version %d created", record.name, record.version)
         return definition_out(record)
 

@@ -53,7 +53,8 @@ class JobManager:
         for staging in removed:
             logger.warning("removed unfinished checkpoint %s left by a previous server", staging)
 
-        for job in self.state.list_jobs(states=[JobState.RUNNING, JobState.PENDING, JobState.SUSPENDED], limit=1_000_000):
+        unfinished = [JobState.RUNNING, JobState.PENDING, JobState.SUSPENDED, JobState.PENDING_RETRY]
+        for job in self.state.list_jobs(states=unfinished, limit=1_000_000):
             adopt = None
             if job.state == JobState.RUNNING and job.pid is not None and job.pid_start_time is not None:
                 identity = ProcessIdentity(job.pid, job.pid_start_time)
@@ -151,6 +152,9 @@ class JobManager:
             "idempotency_key": idempotency_key,
             "request_digest": digest,
             "token_hash": "",
+            "retry_policy": definition.retry_policy,
+            "execution_timeout_seconds": definition.execution_timeout_seconds,
+            "attempt": 1,
         }
         try:
             job = self.state.insert_job(values, f"job {job_id} created from {definition.name} version {definition.version}")

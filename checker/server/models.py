@@ -50,10 +50,21 @@ class RuntimeSpec(StrictModel):
         return validate_env(env)
 
 
+class RetryPolicyModel(StrictModel):
+    max_attempts: int = Field(default=1, ge=1, le=1000, description="Total attempts, the first one included.")
+    initial_delay_seconds: float = Field(default=1.0, ge=0, description="Delay before the second attempt, in seconds.")
+    backoff_multiplier: float = Field(default=2.0, ge=1, le=100, description="Factor between consecutive delays.")
+    max_delay_seconds: float = Field(default=300.0, ge=0, description="Upper bound of any delay, in seconds.")
+
+
 class DefinitionCreate(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="Definition name; letters, digits, '.', '_', '-'.")
     runtime: RuntimeSpec
     metadata: dict[str, Any] = Field(default_factory=dict)
+    retry_policy: RetryPolicyModel | None = Field(default=None, description="Retries of failed attempts; one attempt when omitted.")
+    execution_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="Kill the job this many seconds after its first start, suspended time included."
+    )
 
 
 class DefinitionOut(BaseModel):
@@ -62,6 +73,8 @@ class DefinitionOut(BaseModel):
     runtime: dict[str, Any]
     metadata: dict[str, Any]
     created_at: str | None
+    retry_policy: dict[str, Any] | None = None
+    execution_timeout_seconds: float | None = None
 
 
 class DefinitionList(BaseModel):
@@ -108,6 +121,10 @@ class JobOut(BaseModel):
     updated_at: str | None
     wake_at: str | None = Field(default=None, description="When a suspended job is restored; null while it waits for a signal only.")
     wait_signal: str | None = Field(default=None, description="Name of the signal a suspended job waits for.")
+    attempt: int = 1
+    next_attempt_at: str | None = Field(default=None, description="When a pending_retry job starts its next attempt.")
+    attempt_errors: list[dict[str, Any]] = Field(default_factory=list, description="Error of each failed attempt.")
+    execution_timeout_seconds: float | None = None
 
 
 class JobList(BaseModel):

@@ -27,6 +27,7 @@ from checker.errors import CheckerError, CorruptCheckpointError, CriuError, Erro
 from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
 from checker.runtimes.procfs import ProcessIdentity
 from checker.server.locks import CheckpointLocks
+from checker.server.retry import RetryPolicy
 from checker.store.checkpoints import LocalCheckpointStore
 from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore, TokenRecord
 
@@ -101,6 +102,12 @@ class ProcessExited:
 class KillCommand:
     reason: str
     done: asyncio.Future
+    error_code: str = "killed"
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Start the next attempt of a job that is pending_retry."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,7 @@ class JobRunner:
         self.draining = False
         """Set while the server shuts down: the runner suspends jobs but wakes none."""
         self._timeout_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     # Public interface, called from HTTP handlers
 
@@ -297,6 +305,8 @@ class JobRunner:
             self._record_exit_report(command)
         elif isinstance(command, Wake):
             await self._wake(command)
+        elif isinstance(command, Retry):
+            await self._retry()
 
     def _fail_command(self, command: Any, error: Exception) -> None:
         future = getattr(command, "answer", None) or getattr(command, "done", None)
@@ -322,6 +332,7 @@ class JobRunner:
             self._event("restore_discarded", f"job {self.job_id}: killed process {leftover}, restored by a server that stopped before recording it", pid=leftover)
             logger.warning("job %s: killed process %d left by an interrupted restore", self.job_id, leftover)
 
+        self._schedule_timeout()
         if command.adopt is not None:
             self.process = command.adopt
             # A server that died between restoring the job stopped and resuming it leaves it stopped.
@@ -333,6 +344,8 @@ class JobRunner:
             await self._start_fresh(reason="started")
         elif self.job.state == JobState.SUSPENDED:
             self._schedule_wake()
+        elif self.job.state == JobState.PENDING_RETRY:
+            self._schedule_retry()
         else:
             await self._recover(reason="the server found its process gone at startup")
 
@@ -355,7 +368,7 @@ class JobRunner:
             self.process = await self.runtime.start(spec)
         except CheckerError as error:
             logger.error("job %s: %s", self.job_id, error.message)
-            self._finish(JobState.FAILED, error=error.message, error_code=error.code.value)
+            await self._fail(error.message, error.code.value)
             return
 
         now = time.time()
@@ -371,6 +384,7 @@ class JobRunner:
         )
         logger.info("job %s %s (pid %d, runtime %s)", self.job_id, reason, self.process.pid, self.job.runtime_type)
         self._watch()
+        self._schedule_timeout()
 
     def _watch(self) -> None:
         process = self.process
@@ -577,14 +591,14 @@ class JobRunner:
             if code == 0:
                 self._finish(JobState.COMPLETED)
             else:
-                self._finish(JobState.FAILED, error=f"job exited with code {code}", error_code="exit_code")
+                await self._fail(f"job exited with code {code}", "exit_code", exit_code=code)
             return
 
         if status.reported and status.signal is None:
             if status.exit_code == 0:
                 self._finish(JobState.COMPLETED, exit_code=0)
             else:
-                self._finish(JobState.FAILED, exit_code=status.exit_code, error=f"job exited with code {status.exit_code}; see its stderr log", error_code="exit_code")
+                await self._fail(f"job exited with code {status.exit_code}; see its stderr log", "exit_code", exit_code=status.exit_code)
             return
 
         cause = f"killed by signal {status.signal}" if status.signal else "its process died"
@@ -596,11 +610,7 @@ class JobRunner:
         """Restore the job from its newest valid checkpoint after a crash, or start it again without one."""
         limit = self.context.settings.max_restores_without_progress
         if self.job.failed_restores >= limit:
-            self._finish(
-                JobState.FAILED,
-                error=f"job crashed {self.job.failed_restores} times since checkpoint {self.job.last_checkpoint}; not restored again",
-                error_code="crash_loop",
-            )
+            await self._fail(f"job crashed {self.job.failed_restores} times since checkpoint {self.job.last_checkpoint}; not restored again", "crash_loop")
             return
         self.job = self.context.state.update_job(self.job_id, failed_restores=self.job.failed_restores + 1)
         await self._restore_newest(reason)
@@ -618,12 +628,12 @@ class JobRunner:
             except CriuError as error:
                 self._event("restore_failed", error.message, checkpoint=checkpoint.number, criu_errors=error.error_lines)
                 logger.error("job %s: %s", self.job_id, error.message)
-                self._finish(JobState.FAILED, error=error.message, error_code=ErrorCode.RESTORE_FAILED.value)
+                await self._fail(error.message, ErrorCode.RESTORE_FAILED.value)
                 return
             except CheckerError as error:
                 self._event("restore_failed", error.message, checkpoint=checkpoint.number)
                 logger.error("job %s: %s", self.job_id, error.message)
-                self._finish(JobState.FAILED, error=error.message, error_code=error.code.value)
+                await self._fail(error.message, error.code.value)
                 return
 
         await self._start_fresh(reason=f"restarted from the beginning because {reason} and it has no valid checkpoint")
@@ -762,6 +772,8 @@ class JobRunner:
 
     async def _kill(self, command: KillCommand) -> None:
         self._cancel_wake_timer()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
         await self.locks.release_all()
         if self.process is not None:
             await self.runtime.kill(self.process)
@@ -769,7 +781,7 @@ class JobRunner:
             if self._watcher is not None:
                 # The watcher reaps the killed process; its exit report is then ignored.
                 await asyncio.wait({self._watcher}, timeout=10)
-        self._finish(JobState.FAILED, error=command.reason, error_code="killed")
+        self._finish(JobState.FAILED, error=command.reason, error_code=command.error_code)
         if not command.done.done():
             command.done.set_result(self.job)
 
@@ -782,12 +794,72 @@ class JobRunner:
             values["error_code"] = error_code
         message = f"job {self.job_id} {state}" + (f": {error}" if error else "")
         self.job = self.context.state.update_job(self.job_id, event=(state, message, {"exit_code": exit_code}), **values)
-        if self._exit_deadline is not None:
-            self._exit_deadline.cancel()
+        for timer in (self._exit_deadline, self._timeout_timer, self._retry_timer, self._wake_timer):
+            if timer is not None:
+                timer.cancel()
         logger.info(message)
         self.finished.set()
         if self.context.on_finished is not None:
             self.context.on_finished(self)
+
+    # Retries and timeouts
+
+    async def _fail(self, error: str, error_code: str, exit_code: int | None = None) -> None:
+        """End the current attempt as failed: schedule the next attempt when the retry policy allows, else fail the job."""
+        policy = RetryPolicy.from_json(self.job.retry_policy)
+        attempt = self.job.attempt
+        history = list(self.job.attempt_errors or []) + [{"attempt": attempt, "error": error, "error_code": error_code, "at": time.time()}]
+        if attempt >= policy.max_attempts:
+            if policy.max_attempts > 1:
+                error = f"{error} (attempt {attempt} of {policy.max_attempts}; no attempts left)"
+            self.job = self.context.state.update_job(self.job_id, attempt_errors=history)
+            self._finish(JobState.FAILED, exit_code=exit_code, error=error, error_code=error_code)
+            return
+
+        delay = policy.delay_before(attempt + 1)
+        message = f"job {self.job_id} attempt {attempt} of {policy.max_attempts} failed: {error}; attempt {attempt + 1} in {delay:g} s"
+        self.job = self.context.state.update_job(
+            self.job_id,
+            event=("attempt_failed", message, {"attempt": attempt, "error_code": error_code, "delay_seconds": delay}),
+            state=JobState.PENDING_RETRY,
+            attempt=attempt + 1,
+            next_attempt_at=time.time() + delay,
+            attempt_errors=history,
+            failed_restores=0,
+            pid=None,
+            pid_start_time=None,
+            output_reported=0,
+            output=None,
+            error=error,
+            error_code=error_code,
+            exit_code=exit_code,
+        )
+        await self.locks.release_all()
+        logger.warning(message)
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        delay = max(0.0, (self.job.next_attempt_at or 0.0) - time.time())
+        self._retry_timer = asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, Retry())
+
+    async def _retry(self) -> None:
+        if self.job.state != JobState.PENDING_RETRY:
+            return
+        policy = RetryPolicy.from_json(self.job.retry_policy)
+        self._event("retrying", f"job {self.job_id} attempt {self.job.attempt} of {policy.max_attempts} starts from its last checkpoint")
+        await self._restore_newest(reason=f"attempt {self.job.attempt - 1} failed")
+
+    def _schedule_timeout(self) -> None:
+        """Kill the job when its execution timeout passes, counted from its first start."""
+        limit = self.job.execution_timeout_seconds
+        if limit is None or self.job.started_at is None or self._timeout_timer is not None:
+            return
+        delay = max(0.0, self.job.started_at + limit - time.time())
+        reason = f"execution timeout of {limit:g} s exceeded (counted from the first start, suspended time included)"
+        done = asyncio.get_running_loop().create_future()
+        self._timeout_timer = asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, KillCommand(reason, done, error_code="timeout"))
 
     def _event(self, kind: str, message: str, **data: Any) -> None:
         self.context.state.add_event(self.job_id, kind, message, data)

@@ -129,6 +129,15 @@ def _suspend_and_signals(dialect: str) -> list[str]:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "job definitions, jobs, checkpoints, checkpoint tokens, job events", _initial_schema),
     Migration(2, "suspended jobs and signals", _suspend_and_signals),
+    Migration(3, "retry policies, attempts and execution timeouts", lambda dialect: [
+        "ALTER TABLE job_definitions ADD COLUMN retry_policy TEXT",
+        "ALTER TABLE job_definitions ADD COLUMN execution_timeout_seconds DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN retry_policy TEXT",
+        "ALTER TABLE jobs ADD COLUMN execution_timeout_seconds DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE jobs ADD COLUMN next_attempt_at DOUBLE PRECISION",
+        "ALTER TABLE jobs ADD COLUMN attempt_errors TEXT",
+    ]),
 )
 
 

@@ -61,6 +61,8 @@ job_definitions = Table(
     Column("runtime_config", JSONText, nullable=False),
     Column("metadata", JSONText, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("retry_policy", JSONText),
+    Column("execution_timeout_seconds", Float),
 )
 
 jobs = Table(
@@ -98,6 +100,11 @@ jobs = Table(
     Column("wake_at", Float),
     Column("wait_signal", String),
     Column("wait_token", String),
+    Column("retry_policy", JSONText),
+    Column("execution_timeout_seconds", Float),
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("next_attempt_at", Float),
+    Column("attempt_errors", JSONText),
 )
 
 checkpoints = Table(
@@ -156,10 +163,11 @@ class JobState:
     PENDING = "pending"
     RUNNING = "running"
     SUSPENDED = "suspended"
+    PENDING_RETRY = "pending_retry"
     COMPLETED = "completed"
     FAILED = "failed"
 
-    ALL = (PENDING, RUNNING, SUSPENDED, COMPLETED, FAILED)
+    ALL = (PENDING, RUNNING, SUSPENDED, PENDING_RETRY, COMPLETED, FAILED)
     TERMINAL = (COMPLETED, FAILED)
 
 
@@ -177,6 +185,10 @@ class DefinitionRecord:
     runtime_config: dict
     metadata: dict
     created_at: float
+    retry_policy: dict | None = None
+    """max_attempts, initial_delay_seconds, backoff_multiplier, max_delay_seconds; None means one attempt."""
+    execution_timeout_seconds: float | None = None
+    """Wall-clock limit from the job's first start, suspended time included; None means no limit."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +228,14 @@ class JobRecord:
     """Name of the signal a suspended job waits for."""
     wait_token: str | None = None
     """Token of the suspending call that the wake-up answers."""
+    retry_policy: dict | None = None
+    execution_timeout_seconds: float | None = None
+    attempt: int = 1
+    """Number of the current attempt, from 1."""
+    next_attempt_at: float | None = None
+    """Unix time of the next attempt while the job is pending_retry."""
+    attempt_errors: list | None = None
+    """[{"attempt", "error", "error_code", "at"}] of every failed attempt."""
 
     @property
     def terminal(self) -> bool:
@@ -302,11 +322,21 @@ class StateStore:
 
     # Job definitions
 
-    def create_definition(self, name: str, runtime_type: str, runtime_config: dict, definition_metadata: dict) -> DefinitionRecord:
+    def create_definition(
+        self,
+        name: str,
+        runtime_type: str,
+        runtime_config: dict,
+        definition_metadata: dict,
+        retry_policy: dict | None = None,
+        execution_timeout_seconds: float | None = None,
+    ) -> DefinitionRecord:
         """Insert the next version of definition `name` (1 for a new name)."""
         with self.engine.begin() as connection:
             latest = connection.execute(select(func.max(job_definitions.c.version)).where(job_definitions.c.name == name)).scalar()
-            record = DefinitionRecord(name, (latest or 0) + 1, runtime_type, runtime_config, definition_metadata, time.time())
+            record = DefinitionRecord(
+                name, (latest or 0) + 1, runtime_type, runtime_config, definition_metadata, time.time(), retry_policy, execution_timeout_seconds
+            )
             connection.execute(insert(job_definitions).values(**record.__dict__))
         return record
 
