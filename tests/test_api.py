@@ -280,3 +280,35 @@ def test_concurrent_checkpoints_share_one_dump(client, job_script, tmp_path: Pat
     assert output["first"]["restored"] is False
     final = client.get_job(job["id"])
     assert final["checkpoint_count"] == len(set(output["concurrent"])) + 1
+
+
+def test_spawn_by_version_suffix(client, http, job_script) -> None:
+    script = job_script("quick", QUICK_JOB)
+    client.create_definition("quick", [sys.executable, str(script)], metadata={"v": 1})
+    client.create_definition("quick", [sys.executable, str(script)], metadata={"v": 2})
+
+    pinned = http.post("/v1/jobs", json={"definition": "quick@1"}).json()
+    latest = http.post("/v1/jobs", json={"definition": "quick@latest"}).json()
+    assert pinned["version"] == 1
+    assert latest["version"] == 2
+
+    assert_rejected(http.post("/v1/jobs", json={"definition": "quick@3"}), 404, "version 3")
+    assert_rejected(http.post("/v1/jobs", json={"definition": "quick@1", "version": 2}), 422, "disagree")
+    assert_rejected(http.post("/v1/jobs", json={"definition": "quick@0"}), 422, "definition")
+
+
+def test_list_filters_definition_and_metadata(client, http, job_script) -> None:
+    first = client.create_definition("alpha", [sys.executable, str(job_script("alpha", QUICK_JOB))])
+    second = client.create_definition("beta", [sys.executable, str(job_script("beta", QUICK_JOB))])
+    red = client.spawn(first["name"], metadata={"team": "red", "tier": 1})
+    blue = client.spawn(first["name"], metadata={"team": "blue"})
+    other = client.spawn(second["name"], metadata={"team": "red"})
+
+    by_definition = [j["id"] for j in client.list_jobs(definition="alpha")["items"]]
+    red_jobs = [j["id"] for j in client.list_jobs(metadata={"team": "red"})["items"]]
+    red_alpha = [j["id"] for j in client.list_jobs(definition="alpha", metadata={"team": "red", "tier": "1"})["items"]]
+
+    assert by_definition == [red["id"], blue["id"]]
+    assert red_jobs == [red["id"], other["id"]]
+    assert red_alpha == [red["id"]]
+    assert_rejected(http.get("/v1/jobs", params={"metadata": "novalue"}), 422, "KEY=VALUE")

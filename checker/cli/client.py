@@ -91,10 +91,21 @@ class CallerClient:
     def get_job(self, job_id: str) -> dict:
         return self.request("GET", f"/v1/jobs/{job_id}").json()
 
-    def list_jobs(self, states: list[str] | None = None, limit: int = 100, cursor: str | None = None) -> dict:
+    def list_jobs(
+        self,
+        states: list[str] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        definition: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> dict:
         params: dict[str, Any] = {"limit": limit}
         if states:
             params["state"] = states
+        if definition:
+            params["definition"] = definition
+        if metadata:
+            params["metadata"] = [f"{key}={value}" for key, value in metadata.items()]
         if cursor:
             params["cursor"] = cursor
         return self.request("GET", "/v1/jobs", params=params).json()

@@ -257,7 +257,7 @@ def connect(args: argparse.Namespace) -> CallerClient:
 
 def command_jobs_list(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        page = client.list_jobs(states=args.state, limit=args.limit)
+        page = client.list_jobs(states=args.state, limit=args.limit, definition=args.definition, metadata=parse_assignments(args.metadata, "--metadata"))
     print(f"{'ID':<18} {'STATE':<10} {'DEFINITION':<24} {'CKPTS':>5} {'RESTORES':>8}  CREATED")
     for job in page["items"]:
         definition = f"{job['definition']}@{job['version']}"
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pending", "running", "suspended", "pending_retry", "completed", "failed"],
         help="Only jobs in this state; repeat for several.",
     )
+    jobs_list.add_argument("--definition", help="Only jobs of this job definition name.")
+    jobs_list.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Only jobs whose metadata has KEY=VALUE; repeat for several.")
     jobs_list.add_argument("--limit", type=int, default=100, help="Most jobs to list (default 100).")
     add_client_options(jobs_list)
     jobs_list.set_defaults(handler=command_jobs_list)

@@ -225,14 +225,22 @@ def build_caller_router() -> APIRouter:
     async def list_jobs(
         manager: Manager,
         state: Annotated[list[str] | None, Query(description="Filter by state; repeat for several.")] = None,
+        definition: Annotated[str | None, Query(description="Only jobs of this job definition name.")] = None,
+        metadata: Annotated[list[str] | None, Query(description="KEY=VALUE that the job's metadata must contain; repeat for several.")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: str | None = None,
     ) -> models.JobList:
         for value in state or []:
             if value not in JobState.ALL:
                 raise CheckerError(ErrorCode.INVALID_REQUEST, f"state {value!r} is invalid; use one of {', '.join(JobState.ALL)}")
+        metadata_match = {}
+        for pair in metadata or []:
+            key, separator, value = pair.partition("=")
+            if not separator or not key:
+                raise CheckerError(ErrorCode.INVALID_REQUEST, f"metadata filter {pair!r} is invalid; write KEY=VALUE")
+            metadata_match[key] = value
         after = decode_cursor(cursor) if cursor else None
-        page = manager.state.list_jobs(states=state, after_seq=after, limit=limit + 1)
+        page = manager.state.list_jobs(states=state, after_seq=after, limit=limit + 1, definition=definition, metadata_match=metadata_match)
         next_cursor = encode_cursor(page[limit - 1].seq) if len(page) > limit else None
         return models.JobList(items=[job_out(j) for j in page[:limit]], next_cursor=next_cursor)
 

@@ -25,6 +25,17 @@ def request_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def split_definition_reference(reference: str, version: int | None) -> tuple[str, int | None]:
+    """Split 'name@3' or 'name@latest' into (name, version); a bare name keeps `version`."""
+    name, separator, suffix = reference.partition("@")
+    if not separator:
+        return name, version
+    suffix_version = None if suffix == "latest" else int(suffix)
+    if version is not None and suffix_version != version:
+        raise CheckerError(ErrorCode.INVALID_REQUEST, f"definition {reference!r} and version {version} disagree; give the version once")
+    return name, suffix_version
+
+
 class JobManager:
     """Registry of job runners, shared by the HTTP handlers."""
 
@@ -127,6 +138,7 @@ class JobManager:
 
     def spawn(self, definition_name: str, version: int | None, params: dict, env: dict, job_metadata: dict, idempotency_key: str | None) -> tuple[JobRecord, bool]:
         """Create a job and start it; return (job, created). A repeated idempotency key returns the first job."""
+        definition_name, version = split_definition_reference(definition_name, version)
         digest = request_digest({"definition": definition_name, "version": version, "params": params, "env": env, "metadata": job_metadata})
         if idempotency_key:
             existing = self.state.find_job_by_idempotency_key(idempotency_key)

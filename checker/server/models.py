@@ -82,7 +82,10 @@ class DefinitionList(BaseModel):
 
 
 class JobSpawn(StrictModel):
-    definition: str = Field(pattern=NAME_PATTERN, description="Name of the job definition.")
+    definition: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@(latest|[1-9][0-9]*))?$",
+        description="Name of the job definition, optionally with @VERSION or @latest, e.g. 'parse@3'.",
+    )
     version: int | None = Field(default=None, ge=1, description="Definition version; the latest when omitted.")
     params: dict[str, Any] = Field(default_factory=dict, description="JSON object the job reads with params().")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for this job.")

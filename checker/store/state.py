@@ -302,6 +302,12 @@ def _enable_sqlite_durability(dbapi_connection: Any, connection_record: Any) -> 
     cursor.close()
 
 
+def metadata_matches(job_metadata: dict, wanted: dict[str, str] | None) -> bool:
+    if not wanted:
+        return True
+    return all(key in job_metadata and str(job_metadata[key]) == value for key, value in wanted.items())
+
+
 def sqlite_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'state.db'}"
 
@@ -407,15 +413,40 @@ class StateStore:
             row = connection.execute(select(jobs).where(jobs.c.idempotency_key == key)).mappings().first()
         return None if row is None else JobRecord(**row)
 
-    def list_jobs(self, states: Sequence[str] | None = None, after_seq: int | None = None, limit: int = 100) -> list[JobRecord]:
-        """Return jobs in creation order, after the cursor `after_seq`."""
-        query = select(jobs).order_by(jobs.c.seq).limit(limit)
+    def list_jobs(
+        self,
+        states: Sequence[str] | None = None,
+        after_seq: int | None = None,
+        limit: int = 100,
+        definition: str | None = None,
+        metadata_match: dict[str, str] | None = None,
+    ) -> list[JobRecord]:
+        """Return jobs in creation order, after the cursor `after_seq`.
+
+        `metadata_match` keeps jobs whose metadata has each key with that value
+        (compared as text). It is applied in Python over batches of rows,
+        because metadata is stored as JSON text on every database.
+        """
+        query = select(jobs).order_by(jobs.c.seq)
         if states:
             query = query.where(jobs.c.state.in_(list(states)))
-        if after_seq is not None:
-            query = query.where(jobs.c.seq > after_seq)
+        if definition is not None:
+            query = query.where(jobs.c.definition_name == definition)
+
+        found: list[JobRecord] = []
+        cursor = after_seq
+        batch = limit if not metadata_match else max(limit, 500)
         with self.engine.connect() as connection:
-            return [JobRecord(**row) for row in connection.execute(query).mappings()]
+            while len(found) < limit:
+                page = query if cursor is None else query.where(jobs.c.seq > cursor)
+                rows = [JobRecord(**row) for row in connection.execute(page.limit(batch)).mappings()]
+                if not rows:
+                    break
+                found.extend(job for job in rows if metadata_matches(job.metadata, metadata_match))
+                cursor = rows[-1].seq
+                if len(rows) < batch:
+                    break
+        return found[:limit]
 
     def update_job(self, job_id: str, event: tuple[str, str, dict] | None = None, **values: Any) -> JobRecord:
         """Update fields of a job and optionally add an event (kind, message, data), in one transaction."""
