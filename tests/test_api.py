@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import spawn_script, wait_for_checkpoints, wait_for_state, wait_until
+from conftest import spawn_script, wait_for_state, wait_until
 
 QUICK_JOB = """
     import checker

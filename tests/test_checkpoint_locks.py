@@ -6,8 +6,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-
 from conftest import ServerProcess, free_port, spawn_script, wait_for_checkpoints, wait_until
 from checker.cli.client import CallerClient
 

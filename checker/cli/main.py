@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +262,7 @@ def command_jobs_list(args: argparse.Namespace) -> int:
         definition = f"{job['definition']}@{job['version']}"
         print(f"{job['id']:<18} {job['state']:<10} {definition:<24} {job['checkpoint_count']:>5} {job['restore_count']:>8}  {job['created_at']}")
     if page["next_cursor"]:
-        print(f"(more jobs; raise --limit to see them)")
+        print("(more jobs; raise --limit to see them)")
     return 0
 
 

@@ -18,18 +18,31 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from checker.config import Settings
 from checker.errors import CheckerError, CorruptCheckpointError, CriuError, ErrorCode
-from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
+from checker.runtimes.base import JobFiles, LaunchSpec, Runtime
 from checker.runtimes.procfs import ProcessIdentity
+from checker.server.commands import (
+    RESUMED_BY_CALLER,
+    Boot,
+    CheckpointAnswer,
+    ExitReport,
+    KillCommand,
+    PendingCheckpoint,
+    ProcessExited,
+    Retry,
+    SuspendRequest,
+    Wake,
+    answer_from_token,
+)
 from checker.server.locks import CheckpointLocks
 from checker.server.retry import RetryPolicy
 from checker.store.checkpoints import LocalCheckpointStore
-from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore, TokenRecord
+from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -40,88 +53,6 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def answer_from_token(state: StateStore, known: "TokenRecord") -> "CheckpointAnswer":
-    """Answer a repeated call from its stored token: `restored` when the job was restored since."""
-    job = state.get_job(known.job_id)
-    restored = job is not None and job.restore_count > known.restore_count
-    return CheckpointAnswer(restored=restored, checkpoint=known.checkpoint_number, result=known.result)
-
-
-@dataclass(frozen=True)
-class CheckpointAnswer:
-    restored: bool
-    checkpoint: int
-    result: dict | None = None
-    """For a suspending call: {"signal": ...}, {"timed_out": true} or {"woke": "time"}."""
-
-
-@dataclass(frozen=True)
-class SuspendRequest:
-    """Why and until when a job suspends itself."""
-
-    wake_at: float | None
-    """Unix time to restore the job at; None waits for the signal only."""
-
-    signal: str | None
-    """Name of the signal that wakes the job, or None for a plain sleep."""
-
-
-@dataclass
-class PendingCheckpoint:
-    """One dump that every concurrent checkpoint request of the job shares.
-
-    A suspending dump (stop mode) belongs to exactly one call and is never shared.
-    """
-
-    tokens: list[str]
-    answer: asyncio.Future
-    leave_running: bool = True
-    dump_finished: bool = False
-    suspend: SuspendRequest | None = None
-
-
-RESUMED_BY_CALLER = "a caller resumed it"
-
-
-@dataclass(frozen=True)
-class Wake:
-    """Restore a suspended job: its wake time came or its signal arrived."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class ProcessExited:
-    process: ProcessIdentity
-    status: ExitStatus
-
-
-@dataclass(frozen=True)
-class KillCommand:
-    reason: str
-    done: asyncio.Future
-    error_code: str = "killed"
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Start the next attempt of a job that is pending_retry."""
-
-
-@dataclass(frozen=True)
-class ExitReport:
-    exit_code: int
-    output: Any
-    done: asyncio.Future
-
-
-@dataclass(frozen=True)
-class Boot:
-    """First command of every runner: start, restore or adopt the job."""
-
-    adopt: ProcessIdentity | None = None
 
 
 @dataclass
@@ -191,14 +122,23 @@ class JobRunner:
             return await asyncio.shield(self._inflight_tokens[token].answer)
         self._raise_if_finished()
 
+        pending = self._shared_checkpoint()
+        pending.tokens.append(token)
+        self._inflight_tokens[token] = pending
+        return await asyncio.shield(pending.answer)
+
+    def _shared_checkpoint(self) -> PendingCheckpoint:
+        """Return the queued or running keep-running checkpoint to join, or queue a new one.
+
+        A dump that has finished already cannot capture the caller's state, so
+        a request arriving after it gets a new checkpoint.
+        """
         pending = self._pending_checkpoint
         if pending is None or pending.dump_finished:
             pending = PendingCheckpoint(tokens=[], answer=asyncio.get_running_loop().create_future())
             self._pending_checkpoint = pending
             self._queue.put_nowait(pending)
-        pending.tokens.append(token)
-        self._inflight_tokens[token] = pending
-        return await asyncio.shield(pending.answer)
+        return pending
 
     async def request_suspend(self, token: str, request: SuspendRequest) -> CheckpointAnswer:
         """Suspend the job until `request.wake_at` or its signal, unless a waited-for signal is already here.
@@ -236,12 +176,7 @@ class JobRunner:
         if self.job.state != JobState.RUNNING:
             raise CheckerError(ErrorCode.INVALID_STATE, f"job {self.job_id} is {self.job.state}; only a running job can be checkpointed")
         if not suspend:
-            pending = self._pending_checkpoint
-            if pending is None or pending.dump_finished:
-                pending = PendingCheckpoint(tokens=[], answer=asyncio.get_running_loop().create_future())
-                self._pending_checkpoint = pending
-                self._queue.put_nowait(pending)
-            return await asyncio.shield(pending.answer)
+            return await asyncio.shield(self._shared_checkpoint().answer)
 
         request = SuspendRequest(wake_at=suspend_until, signal=None)
         pending = PendingCheckpoint(tokens=[], answer=asyncio.get_running_loop().create_future(), leave_running=False, suspend=request)
