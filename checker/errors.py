@@ -15,6 +15,7 @@ class ErrorCode(str, Enum):
     FORBIDDEN = "forbidden"
     INVALID_STATE = "invalid_state"
     CHECKPOINT_FAILED = "checkpoint_failed"
+    CHECKPOINT_LOCK_TIMEOUT = "checkpoint_lock_timeout"
     RESTORE_FAILED = "restore_failed"
     START_FAILED = "start_failed"
     CORRUPT_CHECKPOINT = "corrupt_checkpoint"
@@ -29,6 +30,7 @@ _HTTP_STATUS = {
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.INVALID_STATE: 409,
     ErrorCode.CHECKPOINT_FAILED: 500,
+    ErrorCode.CHECKPOINT_LOCK_TIMEOUT: 409,
     ErrorCode.RESTORE_FAILED: 500,
     ErrorCode.START_FAILED: 500,
     ErrorCode.CORRUPT_CHECKPOINT: 500,

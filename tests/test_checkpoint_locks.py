@@ -92,6 +92,7 @@ def test_checkpoint_lock_timeout_keeps_job_running(tmp_path: Path, job_script) -
 
     assert result["state"] == "completed"
     assert "timed out after 0.5 s waiting for 1 checkpoint lock" in result["output"]["error"]
+    assert "failed with 409" in result["output"]["error"]
     assert "checkpoint_failed" in events
 
 

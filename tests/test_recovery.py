@@ -147,8 +147,9 @@ def test_crash_loop_is_capped(client, server, job_script, tmp_path: Path) -> Non
     job = spawn_script(client, job_script("crashloop", source))
     final = wait_for_state(client, job["id"], ("failed",), timeout=60)
     assert final["error_code"] == "crash_loop"
-    assert "checkpoint 1" in final["error"]
+    assert "crashed 4 times since checkpoint 1 (3 restores)" in final["error"]
     assert final["restore_count"] == 3
+    assert event_kinds(client, job["id"]).count("crashed") == 4
 
 
 def test_restore_failure_names_job_and_criu_error(client, server, job_script, tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ def test_retry_resumes_from_checkpoint(client, job_script, tmp_path: Path) -> No
     assert final["attempt"] == 3
     assert [e["error_code"] for e in final["attempt_errors"]] == ["exit_code", "exit_code"]
     assert final["restore_count"] == 2
+    rewound = [e["data"]["path"] for e in client.events(job["id"]) if e["kind"] == "output_rewound"]
+    assert rewound == []  # The failing attempts wrote nothing after their checkpoint.
 
 
 def test_retry_without_checkpoint_restarts(client, job_script, tmp_path: Path) -> None:
@@ -146,3 +148,27 @@ def test_definition_rejects_invalid_policy(server, field, value) -> None:
 def test_backoff_delays_grow_to_cap() -> None:
     policy = RetryPolicy(max_attempts=6, initial_delay_seconds=1, backoff_multiplier=3, max_delay_seconds=20)
     assert [policy.delay_before(attempt) for attempt in range(2, 7)] == [1, 3, 9, 20, 20]
+
+
+def test_failed_attempt_output_is_kept(client, job_script, tmp_path: Path) -> None:
+    source = """
+        import os, sys
+        import checker
+
+        count_file = checker.params()["count"]
+        checker.checkpoint()
+        count = int(open(count_file).read()) if os.path.exists(count_file) else 0
+        open(count_file, "w").write(str(count + 1))
+        if count == 0:
+            print("first attempt failed: disk full", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        checker.exit({"ok": True})
+    """
+    policy = {"max_attempts": 2, "initial_delay_seconds": 0.1}
+    job = spawn_with_policy(client, job_script("noisy", source), {"count": str(tmp_path / "count")}, policy)
+    assert client.result(job["id"], wait=60)["state"] == "completed"
+
+    rewound = [e["data"]["path"] for e in client.events(job["id"]) if e["kind"] == "output_rewound"]
+    assert len(rewound) == 1
+    assert "first attempt failed: disk full" in Path(rewound[0]).read_text()
+    assert "disk full" not in client.logs(job["id"], stream="stderr")["data"]

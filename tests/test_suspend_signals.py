@@ -155,6 +155,37 @@ def test_receive_signal_polls_without_suspending(client, job_script) -> None:
     assert client.get_job(job["id"])["restore_count"] == 0
 
 
+def test_signal_without_payload_is_null(client, job_script) -> None:
+    job = spawn_script(client, job_script("waiter", WAITER))
+    wait_for_state(client, job["id"], ("suspended",), timeout=30)
+
+    sent = client.send_signal(job["id"], "go")
+    output = client.result(job["id"], wait=30)["output"]
+
+    assert sent["payload"] is None
+    assert output["first"] == [True, None, False, True]
+
+
+def test_sleep_inside_lock_is_refused(client, job_script) -> None:
+    source = """
+        import checker
+
+        outcomes = []
+        with checker.checkpoint_lock():
+            for call in (lambda: checker.sleep(1), lambda: checker.wait_for_signal("go", timeout=1), lambda: checker.suspend(until=0)):
+                try:
+                    call()
+                    outcomes.append("no error")
+                except checker.RuntimeAPIError as error:
+                    outcomes.append(str(error))
+        checker.exit({"outcomes": outcomes})
+    """
+    job = spawn_script(client, job_script("lockedsleep", source))
+    outcomes = client.result(job["id"], wait=30)["output"]["outcomes"]
+    assert len(outcomes) == 3
+    assert all("would wait for its own lock" in outcome for outcome in outcomes)
+
+
 def test_kill_suspended_job_never_restores(client, job_script) -> None:
     job = spawn_script(client, job_script("waiter", WAITER))
     wait_for_state(client, job["id"], ("suspended",), timeout=30)
@@ -242,4 +273,4 @@ def test_sdk_rejects_negative_sleep(client, job_script) -> None:
     """
     job = spawn_script(client, job_script("negative", source))
     output = client.result(job["id"], wait=30)["output"]
-    assert "must not be negative" in output["error"]
+    assert "give a number of seconds of 0 or more" in output["error"]

@@ -283,8 +283,12 @@ def command_jobs_show(args: argparse.Namespace) -> int:
 
 def command_jobs_kill(args: argparse.Namespace) -> int:
     with connect(args) as client:
+        before = client.get_job(args.job)
         job = client.kill(args.job)
-    print(f"job {job['id']} is {job['state']}: {job['error'] or ''}")
+    if before["state"] in TERMINAL_STATES:
+        print(f"job {job['id']} had already finished ({job['state']}); nothing to kill")
+    else:
+        print(f"job {job['id']} is {job['state']}: {job['error'] or ''}")
     return 0
 
 
@@ -380,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(run)
     run.set_defaults(handler=command_run)
 
-    jobs = commands.add_parser("jobs", help="List, show and kill jobs.")
+    jobs = commands.add_parser("jobs", help="List, show, kill, checkpoint and resume jobs.")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     jobs_list = jobs_commands.add_parser("list", help="List jobs, oldest first.")
     jobs_list.add_argument(

@@ -65,7 +65,10 @@ _locks_held: contextvars.ContextVar[int] = contextvars.ContextVar("checker_locks
 
 def _refuse_checkpoint_under_lock() -> None:
     if _locks_held.get():
-        raise RuntimeAPIError("checkpoint() inside checkpoint_lock() would wait for its own lock; take the checkpoint outside the lock")
+        raise RuntimeAPIError(
+            "a checkpoint inside checkpoint_lock() (checkpoint, sleep, suspend or wait_for_signal) would wait for its own lock; "
+            "call it outside the lock"
+        )
 
 
 @contextlib.contextmanager
@@ -123,6 +126,7 @@ def sleep(duration: float | str) -> CheckpointResult:
     with `restored=True`. Outside Checker it sleeps in place.
     """
     seconds = parse_duration(duration)
+    _refuse_checkpoint_under_lock()
     client = _runtime_client()
     if client is None:
         time.sleep(seconds)
@@ -136,8 +140,12 @@ def suspend(until: datetime.datetime | float) -> CheckpointResult:
         if until.tzinfo is None:
             raise ValueError(f"suspend(until={until!r}) needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
         wake_at = until.timestamp()
-    else:
+    elif isinstance(until, (int, float)) and not isinstance(until, bool):
         wake_at = float(until)
+    else:
+        raise ValueError(f"suspend(until={until!r}) needs a timezone-aware datetime or a Unix time in seconds")
+    parse_duration(max(0.0, wake_at - time.time()))  # Rejects a wake time more than 366 days ahead.
+    _refuse_checkpoint_under_lock()
     client = _runtime_client()
     if client is None:
         time.sleep(max(0.0, wake_at - time.time()))
@@ -154,6 +162,7 @@ def wait_for_signal(name: str, timeout: float | str | None = None) -> SignalResu
     RuntimeAPIError without a timeout.
     """
     timeout_seconds = None if timeout is None else parse_duration(timeout)
+    _refuse_checkpoint_under_lock()
     client = _runtime_client()
     if client is None:
         if timeout_seconds is None:

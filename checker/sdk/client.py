@@ -84,13 +84,16 @@ class SignalResult:
     """True when the job was suspended to wait and restored to receive the result."""
 
 
+MAX_SUSPEND_SECONDS = 366 * 24 * 3600.0
+"""Longest sleep, suspension or signal timeout the server accepts."""
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(duration: float | int | str) -> float:
     """Return seconds for a number of seconds or a string such as "90s", "6h" or "1h30m"; raise ValueError otherwise."""
-    if isinstance(duration, bool):
+    if isinstance(duration, bool) or not isinstance(duration, (int, float, str)):
         raise ValueError(f"invalid duration {duration!r}: use seconds or a string such as '6h'")
     if isinstance(duration, (int, float)):
         seconds = float(duration)
@@ -100,8 +103,10 @@ def parse_duration(duration: float | int | str) -> float:
         if not text or "".join(number + unit for number, unit in parts) != text:
             raise ValueError(f"invalid duration {duration!r}: use seconds or a string such as '90s', '6h' or '1h30m'")
         seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
-    if seconds < 0 or seconds != seconds:
-        raise ValueError(f"invalid duration {duration!r}: it must not be negative")
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"invalid duration {duration!r}: give a number of seconds of 0 or more")
+    if seconds > MAX_SUSPEND_SECONDS:
+        raise ValueError(f"invalid duration {duration!r}: the longest is 366 days")
     return seconds
 
 

@@ -122,7 +122,10 @@ def describe_validation_error(error: RequestValidationError) -> str:
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
-        problems.append(f"{location}: {item.get('msg', 'invalid')}")
+        problem = f"{location}: {item.get('msg', 'invalid')}"
+        if item.get("type") == "string_pattern_mismatch":
+            problem += f" (got {item.get('input')!r})"
+        problems.append(problem)
     return "; ".join(problems)
 
 
@@ -142,7 +145,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"{type(error).__name__}: {error}; see the server log")
+        # The details stay in the server log: they may name tables, paths or values.
+        return error_response(500, "internal_error", f"internal error ({type(error).__name__}) in {request.method} {request.url.path}; see the server log")
 
 
 def manager_of(request: Request) -> JobManager:

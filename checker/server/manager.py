@@ -14,7 +14,7 @@ from checker.config import Settings
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import Runtime
 from checker.runtimes.procfs import ProcessIdentity, is_alive
-from checker.server.runner import CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token
+from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token
 from checker.store.checkpoints import LocalCheckpointStore
 from checker.store.state import DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
 
@@ -102,7 +102,7 @@ class JobManager:
         logger.info("draining %d running job(s) before shutdown (at most %.0f s)", len(runners), timeout)
 
         async def drain_one(runner: JobRunner) -> None:
-            await runner.request_external_checkpoint(suspend_until=0.0, suspend=True)
+            await runner.request_external_checkpoint(suspend_until=DRAIN_WAKE_AT, suspend=True)
 
         tasks = {runner.job_id: asyncio.create_task(drain_one(runner)) for runner in runners}
         done, pending = await asyncio.wait(tasks.values(), timeout=timeout)
@@ -110,7 +110,8 @@ class JobManager:
         for job_id, task in tasks.items():
             if task in pending:
                 task.cancel()
-                problems[job_id] = f"not suspended within {timeout:.0f} s"
+                locks = self.runners[job_id].locks.held if job_id in self.runners else 0
+                problems[job_id] = f"not suspended within {timeout:g} s" + (f"; it held {locks} checkpoint lock(s)" if locks else "")
             elif task.exception() is not None:
                 error = task.exception()
                 problems[job_id] = getattr(error, "message", str(error))
@@ -123,6 +124,9 @@ class JobManager:
         return await self.runner_for(job_id).request_external_checkpoint(suspend_until=None, suspend=suspend)
 
     def resume(self, job_id: str) -> JobRecord:
+        job = self.get_job(job_id)
+        if job.terminal:
+            raise CheckerError(ErrorCode.INVALID_STATE, f"job {job_id} is {job.state}; only a suspended job can be resumed")
         self.runner_for(job_id).resume()
         return self.get_job(job_id)
 

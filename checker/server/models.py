@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -212,6 +213,8 @@ class SuspendBody(StrictModel):
     def one_wake_time(self) -> "SuspendBody":
         if (self.seconds is None) == (self.until is None):
             raise ValueError("give exactly one of 'seconds' and 'until'")
+        if self.until is not None and self.until - time.time() > MAX_SUSPEND_SECONDS:
+            raise ValueError(f"until {self.until} is more than 366 days ahead")
         return self
 
 

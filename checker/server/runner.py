@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 # (credentials of the server, for one) stays out of the job's environment.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
+DRAIN_WAKE_AT = 0.0
+"""Wake time of a job suspended by a drain: past, so the next server restores it at once."""
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -357,6 +360,8 @@ class JobRunner:
         """Wait until the job holds no checkpoint lock; give up on timeout or when the process ends."""
         timeout = self.context.settings.checkpoint_lock_timeout_seconds
         begin = asyncio.create_task(self.locks.begin_checkpoint(timeout))
+        # Mark its exception retrieved: a server stopping mid-wait abandons the task.
+        begin.add_done_callback(lambda task: task.cancelled() or task.exception())
         waiting_on = {begin} | ({self._watcher} if self._watcher is not None else set())
         await asyncio.wait(waiting_on, return_when=asyncio.FIRST_COMPLETED)
 
@@ -368,7 +373,7 @@ class JobRunner:
             begin.result()
         except TimeoutError:
             raise CheckerError(
-                ErrorCode.CHECKPOINT_FAILED,
+                ErrorCode.CHECKPOINT_LOCK_TIMEOUT,
                 f"checkpoint of job {self.job_id} timed out after {timeout:g} s waiting for {self.locks.held} checkpoint lock(s) to be released; "
                 "the job keeps running. Release locks sooner, or raise the server's --checkpoint-lock-timeout",
             ) from None
@@ -545,7 +550,11 @@ class JobRunner:
         """Restore the job from its newest valid checkpoint after a crash, or start it again without one."""
         limit = self.context.settings.max_restores_without_progress
         if self.job.failed_restores >= limit:
-            await self._fail(f"job crashed {self.job.failed_restores} times since checkpoint {self.job.last_checkpoint}; not restored again", "crash_loop")
+            crashes = self.job.failed_restores + 1
+            await self._fail(
+                f"job crashed {crashes} times since checkpoint {self.job.last_checkpoint} ({self.job.failed_restores} restores); not restored again",
+                "crash_loop",
+            )
             return
         self.job = self.context.state.update_job(self.job_id, failed_restores=self.job.failed_restores + 1)
         await self._restore_newest(reason)
@@ -638,6 +647,8 @@ class JobRunner:
 
     @staticmethod
     def _describe_wake(request: SuspendRequest) -> str:
+        if request.wake_at == DRAIN_WAKE_AT:
+            return "for the server's shutdown, until a server starts"
         until = "" if request.wake_at is None else f"until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(request.wake_at))}"
         if request.signal is None:
             return until or "until resumed"
@@ -656,7 +667,8 @@ class JobRunner:
                 return
         if job.wake_at is not None:
             delay = max(0.0, job.wake_at - time.time())
-            self._wake_timer = asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, Wake(reason="its wake time came"))
+            reason = "a server started after a drain" if job.wake_at == DRAIN_WAKE_AT else "its wake time came"
+            self._wake_timer = asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, Wake(reason=reason))
 
     def _cancel_wake_timer(self) -> None:
         if self._wake_timer is not None:
@@ -701,7 +713,17 @@ class JobRunner:
             if size is None or not path.exists():
                 continue
             if path.stat().st_size > size:
+                self._keep_rewound_output(name, path, size)
                 os.truncate(path, size)
+
+    def _keep_rewound_output(self, name: str, path: Path, size: int) -> None:
+        """Save the output that a rewind cuts, often a failed attempt's traceback, to rewound/."""
+        target = self.files.job_dir / "rewound" / f"restore-{self.job.restore_count + 1}-{name}.log"
+        target.parent.mkdir(exist_ok=True)
+        with open(path, "rb") as source, open(target, "wb") as copy:
+            source.seek(size)
+            copy.write(source.read())
+        self._event("output_rewound", f"job {self.job_id}: {name} written after the checkpoint moved to {target}", stream=name, path=str(target))
 
     # Kill and finish
 

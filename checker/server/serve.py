@@ -104,7 +104,10 @@ class Server:
         finally:
             await manager.shutdown()
             state.close()
-            logger.info("server stopped; running jobs were left running for the next start")
+            if self.settings.drain_on_shutdown:
+                logger.info("server stopped; drained jobs resume at the next start")
+            else:
+                logger.info("server stopped; running jobs were left running for the next server to re-adopt")
 
     def build_uvicorn(self) -> uvicorn.Server:
         app = create_app(self._manager, self.settings.api_token)

@@ -50,6 +50,15 @@ class JSONText(TypeDecorator):
         return None if value is None else json.loads(value)
 
 
+class JSONValue(JSONText):
+    """Any JSON value stored as TEXT, JSON null included (stored as the text 'null', not SQL NULL)."""
+
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+
 metadata = MetaData()
 
 job_definitions = Table(
@@ -139,7 +148,7 @@ signals = Table(
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("job_id", String, nullable=False),
     Column("name", String, nullable=False),
-    Column("payload", JSONText, nullable=False),
+    Column("payload", JSONValue, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("delivered_token", String),
     Column("delivered_at", Float),
