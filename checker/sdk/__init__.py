@@ -1,4 +1,5 @@
-"""The in-job SDK: checkpoint(), params() and exit(), with asyncio forms in `checker.sdk.aio`.
+"""The in-job SDK: checkpoint(), params(), exit(), sleep(), suspend(), wait_for_signal(),
+receive_signal() and checkpoint_lock(), with asyncio forms in `checker.sdk.aio`.
 
 Inside a Checker job the functions call the runtime API of the server that runs
 the job. Outside Checker (no CHECKER_API_URL in the environment) the script

@@ -1,4 +1,4 @@
-"""Commands of the per-job actor, and the answers it gives to the job's calls.
+"""Commands of the per-job actor, and the results it returns to the job's calls.
 
 The HTTP handlers put these on a runner's queue (see runner.py), and the
 runner handles them one at a time.
@@ -32,7 +32,7 @@ class CheckpointAnswer:
 
 @dataclass(frozen=True)
 class SuspendRequest:
-    """Why and until when a job suspends itself."""
+    """Wake condition of a job that suspends itself."""
 
     wake_at: float | None
     """Unix time to restore the job at; None waits for the signal only."""
