@@ -242,7 +242,7 @@ def kill_unfinished_job(server: CheckerServerProcess, job_id: str | None) -> Non
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo", description="Parse a large JSON document from S3 through a job kill and a server kill.")
-    parser.add_argument("--size-mb", type=float, default=300, help="Size of the JSON document in MB (default 300).")
+    parser.add_argument("--size-mb", type=float, default=400, help="Size of the JSON document in MB (default 400, about a minute here).")
     parser.add_argument("--range-mb", type=float, default=8, help="Bytes per range read, in MiB (default 8).")
     parser.add_argument("--kill-job-at", type=float, default=0.4, help="Progress fraction at which the job is SIGKILLed (default 0.4).")
     parser.add_argument("--kill-server-at", type=float, default=0.7, help="Progress fraction at which the server is SIGKILLed (default 0.7).")
