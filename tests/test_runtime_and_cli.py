@@ -185,3 +185,16 @@ def test_server_port_in_use_is_reported(server, tmp_path: Path) -> None:
     assert completed.returncode == 1
     assert f"cannot listen on 127.0.0.1:{server.port}" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_cli_run_reuses_unchanged_definition(server, client) -> None:
+    env = {**os.environ, "CHECKER_SERVER_URL": server.url}
+    for _ in range(2):
+        completed = subprocess.run(
+            [sys.executable, "-m", "checker", "run", str(REPO_ROOT / "examples" / "count.py"), "--param", "steps=1", "--quiet"],
+            capture_output=True, text=True, env=env, timeout=120, cwd=REPO_ROOT,
+        )
+        assert completed.returncode == 0, completed.stderr
+    versions = [d["version"] for d in client.request("GET", "/v1/job-definitions", params={"name": "count"}).json()["items"]]
+    assert versions == [1]
+    assert len(client.list_jobs()["items"]) == 2

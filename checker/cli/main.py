@@ -131,6 +131,19 @@ def definition_name_for(path: Path) -> str:
     return name[:128]
 
 
+def ensure_definition(client: CallerClient, name: str, command: list[str]) -> dict:
+    """Return the latest version of definition `name` when it runs `command`, else create a new version."""
+    try:
+        latest = client.request("GET", f"/v1/job-definitions/{name}").json()
+    except APIError as error:
+        if error.status != 404:
+            raise
+        latest = None
+    if latest is not None and latest["runtime"].get("command") == command and latest["runtime"].get("type") == "process" and not latest["runtime"].get("env"):
+        return latest
+    return client.create_definition(name, command)
+
+
 def command_run(args: argparse.Namespace) -> int:
     path = Path(args.file).resolve()
     if not path.is_file():
@@ -155,7 +168,7 @@ def command_run(args: argparse.Namespace) -> int:
         client = CallerClient(embedded.start())
 
     try:
-        definition = client.create_definition(args.name or definition_name_for(path), [sys.executable, str(path)])
+        definition = ensure_definition(client, args.name or definition_name_for(path), [sys.executable, str(path)])
         job = client.spawn(definition["name"], params=params, env=env, version=definition["version"])
         print(f"checker: job {job['id']} started from {path.name} (definition {definition['name']} version {definition['version']})", file=sys.stderr)
         try:
