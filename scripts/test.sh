@@ -4,5 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-criu.sh
+# The state store's PostgreSQL tests run a throwaway cluster from Debian's package.
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 scripts/setup-venv.sh
 exec .venv/bin/python -m pytest "$@"

@@ -123,6 +123,22 @@ def kill_jobs_of(handle: ServerProcess) -> None:
         state.close()
 
 
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A PostgreSQL server for the whole test session; each test makes its own database."""
+    from postgres import start_cluster
+
+    cluster = start_cluster(free_port())
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster, request) -> str:
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50] + f"_{free_port()}"
+    return postgres_cluster.create_database(name)
+
+
 @pytest.fixture
 def client(server: ServerProcess) -> CallerClient:
     with CallerClient(server.url) as caller:
