@@ -15,33 +15,8 @@ Inside a job, use the SDK functions exported here::
 This module imports only the standard library, so jobs can use it anywhere.
 """
 
-from checker.sdk import (
-    CheckpointResult,
-    RuntimeAPIError,
-    SignalResult,
-    checkpoint,
-    checkpoint_lock,
-    exit,
-    in_checker,
-    params,
-    receive_signal,
-    sleep,
-    suspend,
-    wait_for_signal,
-)
+from checker import sdk as _sdk
+from checker.sdk import *  # noqa: F401,F403 - the SDK's public names, listed once in checker.sdk.__all__
 
-__all__ = [
-    "CheckpointResult",
-    "RuntimeAPIError",
-    "SignalResult",
-    "checkpoint",
-    "checkpoint_lock",
-    "exit",
-    "in_checker",
-    "params",
-    "receive_signal",
-    "sleep",
-    "suspend",
-    "wait_for_signal",
-]
+__all__ = list(_sdk.__all__)
 __version__ = "0.1.0"

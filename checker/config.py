@@ -67,7 +67,7 @@ class Settings:
     """Checkpoint and suspend running jobs when the server stops (SIGTERM or SIGINT)."""
 
     drain_timeout_seconds: float = 60.0
-    """Longest time a drain waits for the jobs' checkpoints; jobs not suspended by then keep running."""
+    """Maximum time a drain waits for the jobs' checkpoints, in seconds; jobs not suspended by then keep running."""
 
     exit_grace_seconds: float = 30.0
     """How long a job may keep running after reporting its exit before it is killed."""

@@ -1,4 +1,4 @@
-"""Errors that the server turns into API answers, each with a stable code."""
+"""Errors that the server turns into API error responses, each with a stable code."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ _HTTP_STATUS = {
 
 
 class CheckerError(Exception):
-    """An error with a code and a message that says what failed and what to do."""
+    """An error with a code and a message that names what failed and what to do."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)

@@ -173,6 +173,38 @@ def wait_for_checkpoints(client: CallerClient, job_id: str, count: int, timeout:
     )
 
 
+TOKEN_WRITER_JOB = """
+import os, time
+import checker
+
+params = checker.params()
+with open(params["token_file"], "w") as token_file:
+    token_file.write(os.environ["CHECKER_TOKEN"])
+while not os.path.exists(params["gate"]):
+    time.sleep(0.02)
+checker.exit({})
+"""
+
+
+@pytest.fixture
+def token_jobs(client: CallerClient, job_script, tmp_path: Path):
+    """Start jobs that write their runtime token to a file and wait at a gate; yield a starter returning (job id, token)."""
+    gate = tmp_path / "token-jobs-gate"
+    script = job_script("tokens", TOKEN_WRITER_JOB)
+    started = 0
+
+    def start() -> tuple[str, str]:
+        nonlocal started
+        started += 1
+        token_file = tmp_path / f"token-{started}"
+        job = spawn_script(client, script, {"gate": str(gate), "token_file": str(token_file)})
+        wait_until(token_file.exists, 30, f"job {job['id']} to write its token")
+        return job["id"], token_file.read_text()
+
+    yield start
+    gate.touch()
+
+
 def job_processes(state_dir: Path, job_id: str) -> list[int]:
     """Return the PIDs of every process whose command line names this job's directory."""
     marker = str(state_dir / "jobs" / job_id).encode()

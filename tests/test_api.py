@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import spawn_script, wait_for_state, wait_until
+from conftest import spawn_script, wait_for_state
 
 QUICK_JOB = """
     import checker
@@ -203,48 +203,27 @@ def test_openapi_lists_both_apis(http) -> None:
     assert "/v1/runtime/jobs/{job_id}/checkpoint" in paths
 
 
-class TestRuntimeAuthentication:
-    def start_two_jobs(self, client, job_script, tmp_path):
-        source = """
-            import json, os, time
-            import checker
+def test_runtime_api_authenticates_job_token(http, token_jobs) -> None:
+    job_a, token_a = token_jobs()
+    job_b, _ = token_jobs()
 
-            params = checker.params()
-            with open(params["token_file"], "w") as token_file:
-                token_file.write(os.environ["CHECKER_TOKEN"])
-            while not os.path.exists(params["gate"]):
-                time.sleep(0.02)
-            checker.exit({})
-        """
-        script = job_script("tokens", source)
-        gate = tmp_path / "gate"
-        jobs = []
-        for name in ("a", "b"):
-            token_file = tmp_path / f"token-{name}"
-            job = spawn_script(client, script, {"gate": str(gate), "token_file": str(token_file)})
-            wait_until(token_file.exists, 30, f"job {name} to write its token")
-            jobs.append((job["id"], token_file.read_text()))
-        return jobs, gate
+    own = http.get(f"/v1/runtime/jobs/{job_a}/params", headers={"Authorization": f"Bearer {token_a}"})
+    assert own.status_code == 200
+    assert own.json()["job_id"] == job_a
 
-    def test_runtime_api_authenticates_job_token(self, client, http, job_script, tmp_path) -> None:
-        (job_a, token_a), (job_b, token_b), = self.start_two_jobs(client, job_script, tmp_path)[0]
+    assert_rejected(http.get(f"/v1/runtime/jobs/{job_b}/params", headers={"Authorization": f"Bearer {token_a}"}), 403, job_b)
+    assert_rejected(http.get(f"/v1/runtime/jobs/{job_a}/params", headers={"Authorization": "Bearer wrong"}), 401, "invalid")
+    assert_rejected(http.get(f"/v1/runtime/jobs/{job_a}/params"), 401, "Bearer")
 
-        own = http.get(f"/v1/runtime/jobs/{job_a}/params", headers={"Authorization": f"Bearer {token_a}"})
-        assert own.status_code == 200
-        assert own.json()["job_id"] == job_a
 
-        assert_rejected(http.get(f"/v1/runtime/jobs/{job_b}/params", headers={"Authorization": f"Bearer {token_a}"}), 403, job_b)
-        assert_rejected(http.get(f"/v1/runtime/jobs/{job_a}/params", headers={"Authorization": "Bearer wrong"}), 401, "invalid")
-        assert_rejected(http.get(f"/v1/runtime/jobs/{job_a}/params"), 401, "Bearer")
+def test_runtime_api_rejects_malformed_bodies(http, token_jobs) -> None:
+    job_a, token_a = token_jobs()
+    headers = {"Authorization": f"Bearer {token_a}"}
 
-    def test_runtime_api_rejects_malformed_bodies(self, client, http, job_script, tmp_path) -> None:
-        (job_a, token_a), _ = self.start_two_jobs(client, job_script, tmp_path)[0]
-        headers = {"Authorization": f"Bearer {token_a}"}
-
-        assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/checkpoint", json={"token": "short"}, headers=headers), 422, "token")
-        assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/checkpoint", json={"token": "x" * 20 + "!"}, headers=headers), 422, "token")
-        assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/exit", json={"exit_code": 300}, headers=headers), 422, "exit_code")
-        assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/exit", json={"extra": 1}, headers=headers), 422, "extra")
+    assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/checkpoint", json={"token": "short"}, headers=headers), 422, "token")
+    assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/checkpoint", json={"token": "x" * 20 + "!"}, headers=headers), 422, "token")
+    assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/exit", json={"exit_code": 300}, headers=headers), 422, "exit_code")
+    assert_rejected(http.post(f"/v1/runtime/jobs/{job_a}/exit", json={"extra": 1}, headers=headers), 422, "extra")
 
 
 def test_concurrent_checkpoints_share_one_dump(client, job_script, tmp_path: Path) -> None:

@@ -205,23 +205,8 @@ def test_kill_suspended_job_never_restores(client, job_script) -> None:
 
 class TestValidation:
     @pytest.fixture
-    def running_job(self, client, job_script, tmp_path: Path):
-        source = """
-            import os, time
-            import checker
-
-            params = checker.params()
-            with open(params["token_file"], "w") as token_file:
-                token_file.write(os.environ["CHECKER_TOKEN"])
-            while not os.path.exists(params["gate"]):
-                time.sleep(0.02)
-            checker.exit({})
-        """
-        token_file = tmp_path / "token"
-        job = spawn_script(client, job_script("tokens", source), {"gate": str(tmp_path / "gate"), "token_file": str(token_file)})
-        wait_until(token_file.exists, 30, "the job to write its token")
-        yield job["id"], token_file.read_text()
-        (tmp_path / "gate").touch()
+    def running_job(self, token_jobs):
+        return token_jobs()
 
     @pytest.mark.parametrize(
         ("path", "body", "fragment"),

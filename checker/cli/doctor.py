@@ -137,7 +137,7 @@ async def self_test(criu: Criu) -> CheckResult:
         status = await asyncio.wait_for(runtime.wait(spec, restored), 10)
         answer = (files.work_dir / "answer").read_text() if (files.work_dir / "answer").exists() else ""
         accepted.close()
-    except Exception as error:  # Any failure is the answer of this check.
+    except Exception as error:  # Any failure is the result of this check.
         return CheckResult("self-test", False, f"dump and restore of a process holding a TCP connection failed: {error}")
     finally:
         for leftover in (process, restored):
@@ -175,7 +175,12 @@ def run_doctor(configured_criu: str | None = None) -> int:
         results.append(asyncio.run(self_test(criu)))
 
     for result in results:
-        mark = "ok  " if result.ok else ("FAIL" if result.required else "info")
+        if result.ok:
+            mark = "ok  "
+        elif result.required:
+            mark = "FAIL"
+        else:
+            mark = "info"
         print(f"[{mark}] {result.name}: {result.detail}")
 
     failed = [r for r in results if r.required and not r.ok]

@@ -159,7 +159,7 @@ def command_run(args: argparse.Namespace) -> int:
             print(f"checker: using the server at {server_url}; --state-dir and --criu apply only to an embedded server", file=sys.stderr)
     else:
         if args.server:
-            raise CLIError(f"no Checker server answers at {args.server}; start one with 'checker server'")
+            raise CLIError(f"no Checker server responds at {args.server}; start one with 'checker server'")
         # The embedded server takes the port callers expect, so a later 'checker server' on it serves the same jobs.
         settings = settings_from_args(args, port=urllib.parse.urlsplit(server_url).port or DEFAULT_PORT)
         print(f"checker: no server at {server_url}; starting an embedded one (state in {settings.state_dir})", file=sys.stderr)
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs_list.add_argument("--definition", help="Only jobs of this job definition name.")
     jobs_list.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Only jobs whose metadata has KEY=VALUE; repeat for several.")
-    jobs_list.add_argument("--limit", type=int, default=100, help="Most jobs to list (default 100).")
+    jobs_list.add_argument("--limit", type=int, default=100, help="Maximum number of jobs to list (default 100).")
     add_client_options(jobs_list)
     jobs_list.set_defaults(handler=command_jobs_list)
     jobs_show = jobs_commands.add_parser("show", help="Show a job with its checkpoints and events.")

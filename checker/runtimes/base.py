@@ -52,7 +52,7 @@ class LaunchSpec:
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How a job's process ended."""
+    """Exit status of a job's process."""
 
     exit_code: int | None
     """Exit code of the job's command, when it exited normally."""

@@ -205,5 +205,4 @@ class ProcessRuntime(Runtime):
         return read_exit_status(spec.files, wait_status)
 
     async def cleanup(self, spec: LaunchSpec) -> None:
-        for leftover in (spec.files.job_dir / "restored.pid",):
-            leftover.unlink(missing_ok=True)
+        (spec.files.job_dir / "restored.pid").unlink(missing_ok=True)

@@ -85,7 +85,7 @@ class SignalResult:
 
 
 MAX_SUSPEND_SECONDS = 366 * 24 * 3600.0
-"""Longest sleep, suspension or signal timeout the server accepts."""
+"""Maximum sleep, suspension or signal timeout the server accepts, in seconds."""
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

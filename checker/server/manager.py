@@ -199,23 +199,36 @@ class JobManager:
         return job
 
     def runner_for(self, job_id: str) -> JobRunner:
-        job = self.get_job(job_id)
         runner = self.runners.get(job_id)
         if runner is None:
-            raise CheckerError(ErrorCode.INVALID_STATE, f"job {job_id} is {job.state}; it has no running process")
+            raise self._no_runner_error(job_id)
         return runner
 
+    def _no_runner_error(self, job_id: str) -> CheckerError:
+        job = self.get_job(job_id)
+        return CheckerError(ErrorCode.INVALID_STATE, f"job {job_id} is {job.state}; it has no running process")
+
     async def checkpoint(self, job_id: str, token: str) -> CheckpointAnswer:
-        known = self.state.get_token(job_id, token)
-        if known is not None:
-            return answer_from_token(self.state, known)
-        return await self.runner_for(job_id).request_checkpoint(token)
+        runner = self.runners.get(job_id)
+        if runner is None:
+            return self._answer_without_runner(job_id, token, need_result=False)
+        return await runner.request_checkpoint(token)
 
     async def suspend(self, job_id: str, token: str, request: SuspendRequest) -> CheckpointAnswer:
+        runner = self.runners.get(job_id)
+        if runner is None:
+            return self._answer_without_runner(job_id, token, need_result=True)
+        return await runner.request_suspend(token, request)
+
+    def _answer_without_runner(self, job_id: str, token: str, need_result: bool) -> CheckpointAnswer:
+        """Answer a repeated call of a job that has no runner (it finished); raise for any other call.
+
+        The runner looks the token up itself, so a running job's call reads it once.
+        """
         known = self.state.get_token(job_id, token)
-        if known is not None and known.result is not None:
+        if known is not None and (known.result is not None or not need_result):
             return answer_from_token(self.state, known)
-        return await self.runner_for(job_id).request_suspend(token, request)
+        raise self._no_runner_error(job_id)
 
     def send_signal(self, job_id: str, name: str, payload: Any) -> SignalRecord:
         """Store a signal durably, then wake the job if it waits for it."""

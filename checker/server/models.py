@@ -242,7 +242,7 @@ class SuspendResponse(BaseModel):
 
 
 class WaitSignalResponse(BaseModel):
-    restored: bool = Field(description="True when the job was suspended and restored to receive the answer.")
+    restored: bool = Field(description="True when the job was suspended and restored to receive the result.")
     checkpoint: int
     timed_out: bool
     signal: SignalPayloadOut | None

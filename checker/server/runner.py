@@ -92,6 +92,7 @@ class JobRunner:
         """Set while the server shuts down: the runner suspends jobs but wakes none."""
         self._timeout_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._cleanup_task: asyncio.Future | None = None
 
     # Public interface, called from HTTP handlers
 
@@ -117,18 +118,27 @@ class JobRunner:
 
         Concurrent calls share one dump, and so do retries of a call with the same token.
         """
-        known = self.context.state.get_token(self.job_id, token)
-        if known is not None:
-            return answer_from_token(self.context.state, known)
-
-        if token in self._inflight_tokens:
-            return await asyncio.shield(self._inflight_tokens[token].answer)
-        self._raise_if_finished()
+        repeated = await self._repeated_call(token)
+        if repeated is not None:
+            return repeated
 
         pending = self._shared_checkpoint()
         pending.tokens.append(token)
         self._inflight_tokens[token] = pending
         return await asyncio.shield(pending.answer)
+
+    async def _repeated_call(self, token: str) -> CheckpointAnswer | None:
+        """Return the result of a call already made with `token` (stored or in flight), or None for a new call.
+
+        Raises CheckerError for a new call when the job has finished.
+        """
+        known = self.context.state.get_token(self.job_id, token)
+        if known is not None:
+            return answer_from_token(self.context.state, known)
+        if token in self._inflight_tokens:
+            return await asyncio.shield(self._inflight_tokens[token].answer)
+        self._raise_if_finished()
+        return None
 
     def _shared_checkpoint(self) -> PendingCheckpoint:
         """Return the queued or running keep-running checkpoint to join, or queue a new one.
@@ -146,16 +156,13 @@ class JobRunner:
     async def request_suspend(self, token: str, request: SuspendRequest) -> CheckpointAnswer:
         """Suspend the job until `request.wake_at` or its signal, unless a waited-for signal is already here.
 
-        The job's process is dumped in stop mode and ends, so the call is
-        answered in the copy restored at wake-up, which retries it with the
-        same token.
+        The job's process is dumped in stop mode and ends, so the copy
+        restored at wake-up receives the result when it retries the call with
+        the same token.
         """
-        known = self.context.state.get_token(self.job_id, token)
-        if known is not None:
-            return answer_from_token(self.context.state, known)
-        if token in self._inflight_tokens:
-            return await asyncio.shield(self._inflight_tokens[token].answer)
-        self._raise_if_finished()
+        repeated = await self._repeated_call(token)
+        if repeated is not None:
+            return repeated
 
         if request.signal is not None:
             delivered = self.context.state.deliver_signal(self.job_id, request.signal, token, self.job.last_checkpoint or 0, self.job.restore_count)
@@ -463,7 +470,7 @@ class JobRunner:
                 pending.answer.set_exception(error)
             else:
                 pending.answer.set_result(answer)
-        # Nobody may await the future when the caller went away; mark its error retrieved.
+        # The caller may have gone away without awaiting the future; mark its error retrieved.
         if error is not None:
             pending.answer.exception()
         self._forget_checkpoint(pending)
@@ -676,10 +683,10 @@ class JobRunner:
             self._wake_timer = None
 
     async def _wake(self, command: Wake) -> None:
-        """Answer the suspending call durably, then restore the job.
+        """Store the suspending call's result durably, then restore the job.
 
         A job suspended from outside (a drain, or a caller's request) has no
-        call to answer and is only restored.
+        call waiting for a result and is only restored.
         """
         job = self.job
         if job.state != JobState.SUSPENDED or self.draining:
@@ -754,6 +761,7 @@ class JobRunner:
         for timer in (self._exit_deadline, self._timeout_timer, self._retry_timer, self._wake_timer):
             if timer is not None:
                 timer.cancel()
+        self._cleanup_task = asyncio.ensure_future(self.runtime.cleanup(self._launch_spec()))
         logger.info(message)
         self.finished.set()
         if self.context.on_finished is not None:

@@ -362,7 +362,7 @@ class LocalCheckpointStore:
             actual_size = path.stat().st_size
             if actual_size != entry.size:
                 raise CorruptCheckpointError(
-                    f"checkpoint {number} of job {job_id}: image file {entry.path} has {actual_size} bytes, the manifest says {entry.size}"
+                    f"checkpoint {number} of job {job_id}: image file {entry.path} has {actual_size} bytes, but the manifest records {entry.size}"
                 )
 
         for entry, (_, digest) in zip(manifest.files, self._pool.map(hash_file, paths)):

@@ -236,7 +236,7 @@ class JobRecord:
     wait_signal: str | None = None
     """Name of the signal a suspended job waits for."""
     wait_token: str | None = None
-    """Token of the suspending call that the wake-up answers."""
+    """Token of the suspending call whose result the wake-up stores."""
     retry_policy: dict | None = None
     execution_timeout_seconds: float | None = None
     attempt: int = 1
@@ -273,7 +273,7 @@ class TokenRecord:
     restore_count: int
     created_at: float
     result: dict | None = None
-    """What a suspending call returns on wake-up ({"signal": ...} or {"timed_out": true}), once known."""
+    """Result of a suspending call ({"signal": ...} or {"timed_out": true}), stored at wake-up."""
 
 
 @dataclass(frozen=True)
@@ -480,7 +480,7 @@ class StateStore:
         job_values: dict[str, Any] | None = None,
         event_kind: str = "checkpoint",
     ) -> JobRecord:
-        """Store a completed checkpoint, the tokens it answers, and the job's new state, atomically.
+        """Store a completed checkpoint, the tokens of the calls it serves, and the job's new state, atomically.
 
         `job_values` sets more job fields in the same transaction, such as the
         suspended state and wake time of a job that suspends at this checkpoint.
