@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checker.runtimes.criu import DEFAULT_TIMEOUT_SECONDS as DEFAULT_CRIU_TIMEOUT_SECONDS
+
 DEFAULT_PORT = 8181
 
 
@@ -47,6 +49,9 @@ class Settings:
 
     criu_path: str | None = None
     """CRIU binary; None searches CHECKER_CRIU, the project prefix, then PATH."""
+
+    criu_timeout_seconds: float = DEFAULT_CRIU_TIMEOUT_SECONDS
+    """Longest one CRIU dump or restore may run before it is killed and the operation fails."""
 
     api_token: str | None = None
     """Bearer token the caller API requires; None leaves it open to local callers."""
@@ -90,5 +95,7 @@ class Settings:
             raise ValueError(f"keep_checkpoints is {self.keep_checkpoints}; keep at least 1 checkpoint per job")
         if self.checkpoint_lock_timeout_seconds <= 0:
             raise ValueError(f"checkpoint lock timeout {self.checkpoint_lock_timeout_seconds} s is invalid; give a positive number of seconds")
+        if self.criu_timeout_seconds <= 0:
+            raise ValueError(f"CRIU timeout {self.criu_timeout_seconds} s is invalid; give a positive number of seconds")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range 0-65535")

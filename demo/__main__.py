@@ -99,6 +99,16 @@ class CheckerServerProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
+    def print_log_tail(self, lines: int = 30) -> None:
+        """Print the end of the server's log, which explains most failures."""
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return
+        say(f"last {len(tail)} lines of {self.log_path}:")
+        for line in tail:
+            print(f"    {line}", flush=True)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -283,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok = report(client, s3, final, size, expected, job_kills=1)
     except (APIError, RuntimeError, OSError) as error:
         say(f"error: {error}")
+        server.print_log_tail()
         return 1
     finally:
         kill_unfinished_job(server, job["id"] if job else None)

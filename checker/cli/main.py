@@ -77,6 +77,7 @@ def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Set
         port=port if port is not None else getattr(args, "port", DEFAULT_PORT),
         database_url=getattr(args, "database_url", None),
         criu_path=args.criu,
+        criu_timeout_seconds=getattr(args, "criu_timeout", 1800.0),
         api_token=getattr(args, "api_token", None) or os.environ.get("CHECKER_API_TOKEN") or None,
         keep_checkpoints=getattr(args, "keep_checkpoints", 3),
         checkpoint_lock_timeout_seconds=getattr(args, "checkpoint_lock_timeout", 60.0),
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--drain-timeout", type=float, default=60.0, help="Seconds a drain waits for the jobs' checkpoints (default 60).")
     server.add_argument(
         "--checkpoint-lock-timeout", type=float, default=60.0, help="Seconds a checkpoint waits for the job's checkpoint locks before it fails (default 60)."
+    )
+    server.add_argument(
+        "--criu-timeout", type=float, default=1800.0, help="Seconds one CRIU dump or restore may run before it is killed and fails (default 1800)."
     )
     add_server_options(server)
     server.set_defaults(handler=command_server)

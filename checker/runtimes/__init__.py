@@ -7,9 +7,9 @@ from checker.runtimes.process import ProcessRuntime
 RUNTIME_TYPES = ("process",)
 
 
-def create_runtimes(criu: Criu) -> dict[str, Runtime]:
+def create_runtimes(criu: Criu, criu_timeout_seconds: float) -> dict[str, Runtime]:
     """Build one instance of every runtime available on this machine, by type name."""
-    return {"process": ProcessRuntime(criu)}
+    return {"process": ProcessRuntime(criu, criu_timeout_seconds)}
 
 
 __all__ = ["Criu", "ExitStatus", "JobFiles", "LaunchSpec", "RUNTIME_TYPES", "Runtime", "create_runtimes", "find_criu"]

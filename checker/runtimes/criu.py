@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,10 @@ ENV_PREFIX = "CHECKER_PREFIX"
 DEFAULT_PREFIX = "/opt/checker"
 MIN_VERSION = (4, 2)
 MAX_ERROR_LINES = 3
+DEFAULT_TIMEOUT_SECONDS = 1800.0
+"""Maximum seconds one CRIU run may take. At the slowest dump rate measured on a 2-vCPU VM (4.2 s/GiB), 24 GiB would take an estimated 100 s."""
+WATCH_INTERVAL_SECONDS = 0.05
+ABANDON_GRACE_SECONDS = 1.0
 
 
 class CriuNotFoundError(Exception):
@@ -125,11 +130,28 @@ def first_error_lines(log_path: Path, limit: int = MAX_ERROR_LINES) -> list[str]
     return lines
 
 
-async def run_criu(criu: Criu, arguments: list[str], log_path: Path, code: ErrorCode, context: str) -> None:
+async def run_criu(
+    criu: Criu,
+    arguments: list[str],
+    log_path: Path,
+    code: ErrorCode,
+    context: str,
+    *,
+    timeout: float | None = None,
+    abandon_when: Callable[[], str | None] | None = None,
+) -> None:
     """Run CRIU with its log at `log_path`; raise CriuError naming `context` on failure.
 
     `context` names the operation, job and checkpoint ("dump of job 3f2a,
     checkpoint 7"), so the error reads on its own in logs and API answers.
+
+    CRIU is killed when it runs longer than `timeout` seconds, or when
+    `abandon_when()` returns a reason and CRIU has not ended
+    ABANDON_GRACE_SECONDS later. The second guards against a deadlock seen
+    with CRIU 4.2.1 on Linux 6.18. A dump whose namespace init gets SIGKILL
+    waits in wait4() for the init, while the init waits in the kernel for a
+    zombie that only CRIU, its tracer, can release. Killing CRIU detaches it
+    and lets the init exit.
     """
     command = [str(criu.path), *arguments, "--log-file", str(log_path)]
     process = await asyncio.create_subprocess_exec(
@@ -139,7 +161,15 @@ async def run_criu(criu: Criu, arguments: list[str], log_path: Path, code: Error
         stderr=asyncio.subprocess.PIPE,
         close_fds=True,
     )
-    _, stderr = await process.communicate()
+    communication = asyncio.ensure_future(process.communicate())
+    abandoned = await _watch_criu(communication, timeout, abandon_when)
+    if abandoned is not None:
+        process.kill()
+        await asyncio.wait({communication})
+        message = f"{context} failed: {abandoned}, so CRIU was stopped (log: {log_path})"
+        raise CriuError(code, message, str(log_path), first_error_lines(log_path))
+
+    _, stderr = communication.result()
     if process.returncode == 0:
         return
 
@@ -150,3 +180,19 @@ async def run_criu(criu: Criu, arguments: list[str], log_path: Path, code: Error
     reported = "; ".join(f"'{line}'" for line in error_lines) or "no error lines in its log"
     message = f"{context} failed: CRIU exited with {process.returncode} and reported {reported} (log: {log_path})"
     raise CriuError(code, message, str(log_path), error_lines)
+
+
+async def _watch_criu(communication: asyncio.Future, timeout: float | None, abandon_when: Callable[[], str | None] | None) -> str | None:
+    """Wait for CRIU to end; return why it must be killed instead, or None once it has ended."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        done, _ = await asyncio.wait({communication}, timeout=WATCH_INTERVAL_SECONDS)
+        if done:
+            return None
+        if deadline is not None and loop.time() >= deadline:
+            return f"CRIU ran longer than {timeout:g} s"
+        reason = abandon_when() if abandon_when is not None else None
+        if reason is not None:
+            done, _ = await asyncio.wait({communication}, timeout=ABANDON_GRACE_SECONDS)
+            return None if done else f"{reason} and CRIU did not end within {ABANDON_GRACE_SECONDS:g} s"

@@ -27,7 +27,7 @@ from pathlib import Path
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import procfs
 from checker.runtimes.base import ExitStatus, LaunchSpec, Runtime, read_exit_status
-from checker.runtimes.criu import Criu, run_criu
+from checker.runtimes.criu import DEFAULT_TIMEOUT_SECONDS, Criu, run_criu
 from checker.runtimes.procfs import ProcessIdentity
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ class ProcessRuntime(Runtime):
 
     type_name = "process"
 
-    def __init__(self, criu: Criu) -> None:
+    def __init__(self, criu: Criu, criu_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
         self.criu = criu
+        self.criu_timeout_seconds = criu_timeout_seconds
         self._launchers: dict[int, subprocess.Popen] = {}
 
     def validate_config(self, config: dict) -> None:
@@ -118,7 +119,13 @@ class ProcessRuntime(Runtime):
         if leave_running:
             arguments.append("--leave-running")
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        await run_criu(self.criu, arguments, log_path, ErrorCode.CHECKPOINT_FAILED, context)
+
+        def init_exiting() -> str | None:
+            return "the job's process died during the dump" if procfs.is_exiting(process) else None
+
+        await run_criu(
+            self.criu, arguments, log_path, ErrorCode.CHECKPOINT_FAILED, context, timeout=self.criu_timeout_seconds, abandon_when=init_exiting
+        )
 
         # A command that died while CRIU was dumping leaves an image of the init
         # alone, or of a zombie; restoring either would only end the job again.
@@ -142,7 +149,7 @@ class ProcessRuntime(Runtime):
         arguments = ["restore", "--images-dir", str(image_dir), *RESTORE_OPTIONS, "--pidfile", str(pid_file)]
         if leave_stopped:
             arguments.append("--leave-stopped")
-        await run_criu(self.criu, arguments, log_path, ErrorCode.RESTORE_FAILED, context)
+        await run_criu(self.criu, arguments, log_path, ErrorCode.RESTORE_FAILED, context, timeout=self.criu_timeout_seconds)
 
         pid = int(pid_file.read_text().strip())
         identity = procfs.identify(pid)

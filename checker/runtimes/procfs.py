@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 
 PR_SET_CHILD_SUBREAPER = 36
+PF_EXITING = 0x4
+"""Kernel task flag (field 9 of /proc/PID/stat): the task has entered do_exit()."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,19 @@ def is_alive(identity: ProcessIdentity) -> bool:
     if read_start_time(identity.pid) != identity.start_time:
         return False
     return read_state(identity.pid) not in (None, "Z", "X")
+
+
+def is_exiting(identity: ProcessIdentity) -> bool:
+    """Return whether the process is gone or has begun to exit.
+
+    A namespace init that got SIGKILL stays in do_exit() until every process
+    of its namespace is reaped, so it neither runs nor is a zombie yet; the
+    PF_EXITING flag tells that state apart from a sleeping process.
+    """
+    fields = read_stat_fields(identity.pid)
+    if fields is None or int(fields[19]) != identity.start_time:
+        return True
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & PF_EXITING)
 
 
 def become_child_subreaper() -> None:

@@ -95,7 +95,7 @@ class Server:
         if state.applied_migrations:
             logger.info("state store migrated to schema version %d", state.applied_migrations[-1])
         checkpoints = LocalCheckpointStore(self.settings.checkpoints_dir, fsync=self.settings.fsync_checkpoints)
-        manager = JobManager(self.settings, state, checkpoints, create_runtimes(self.criu), self.api_url, self.criu.version)
+        manager = JobManager(self.settings, state, checkpoints, create_runtimes(self.criu, self.settings.criu_timeout_seconds), self.api_url, self.criu.version)
         self.manager = manager
         logger.info("server listening on %s (CRIU %s at %s, state in %s)", self.api_url, self.criu.version, self.criu.path, self.settings.state_dir)
         await manager.recover()
