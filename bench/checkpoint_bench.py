@@ -5,8 +5,9 @@ bench/memory_job.py three times at once:
 
 * as a job of a Checker server that fsyncs checkpoint images (the default),
 * as a job of a second Checker server with fsync_checkpoints=False,
-* standalone in the same kind of PID namespace (unshare --pid --fork with
-  Checker's pidinit.py as PID 1), for raw `criu dump` and `criu restore`.
+* standalone in the same kind of namespaces as a Checker job (the same bwrap
+  command, with Checker's pidinit.py as PID 1), for raw `criu dump` and
+  `criu restore`.
 
 Checkpoint: the job times `checker.checkpoint()` itself. The raw figure is the
 wall time of a `criu dump` process with the options Checker uses.
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from checker.cli.client import APIError, CallerClient
-from checker.runtimes.process import DUMP_OPTIONS, PIDINIT, RESTORE_OPTIONS
+from checker.runtimes.process import DUMP_OPTIONS, launch_command, restore_options
 from checker.runtimes.procfs import become_child_subreaper, list_children
 from checker.server.runner import INHERITED_ENV
 from checker.store.checkpoints import fsync_path, hash_file
@@ -302,18 +303,13 @@ class RawProcess:
     def start(self) -> None:
         work_dir = self.job_dir / "work"
         work_dir.mkdir(parents=True)
-        command = [
-            "unshare", "--pid", "--fork", "--",
-            sys.executable, "-I", "-S", str(PIDINIT),
-            str(self.job_dir / "stdout.log"), str(self.job_dir / "stderr.log"), str(self.job_dir / "exit-status.json"), str(work_dir),
-            "--", *job_command(self.size_bytes, self.control_dir, self.repetitions),
-        ]
+        command = launch_command(self.job_dir, job_command(self.size_bytes, self.control_dir, self.repetitions))
         self.launcher = subprocess.Popen(
             command, env=job_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         children = wait_until(lambda: list_children(self.launcher.pid), START_TIMEOUT_SECONDS, "the raw process's namespace init")
         self.init_pid = children[0]
-        logger.info("raw process started: unshare %d, namespace init %d", self.launcher.pid, self.init_pid)
+        logger.info("raw process started: bwrap %d, namespace init %d", self.launcher.pid, self.init_pid)
 
     def dump(self, repetition: int) -> None:
         """Dump with the options Checker uses, timed as a whole `criu dump` process."""
@@ -353,7 +349,7 @@ class RawProcess:
         if self.launcher is not None:
             if self.launcher.poll() is None:
                 os.kill(self.init_pid, signal.SIGKILL)
-                # unshare exits once its child, the namespace init, is gone.
+                # bwrap exits once its child, the namespace init, is gone.
                 self.launcher.wait(timeout=30)
             self.launcher = None
             self.init_pid = None
@@ -371,7 +367,7 @@ class RawProcess:
         image_dir = self.image_dirs[-1]
         pid_file = self.job_dir / "restored.pid"
         pid_file.unlink(missing_ok=True)
-        command = [self.criu, "restore", "--images-dir", str(image_dir), *RESTORE_OPTIONS, "--pidfile", str(pid_file)]
+        command = [self.criu, "restore", "--images-dir", str(image_dir), *restore_options(self.job_dir), "--pidfile", str(pid_file)]
         command += ["--log-file", str(self.job_dir / "criu-restore.log")]
 
         started = time.perf_counter()

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-criu.sh
+scripts/install-bubblewrap.sh
 scripts/setup-venv.sh
 exec .venv/bin/python -m demo "$@"

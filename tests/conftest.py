@@ -20,6 +20,7 @@ from typing import Callable
 import pytest
 
 from checker.cli.client import CallerClient
+from checker.runtimes.process import mounts_job_dir
 from checker.runtimes.criu import CriuNotFoundError, find_criu
 from checker.runtimes.procfs import ProcessIdentity, is_alive
 
@@ -206,8 +207,9 @@ def token_jobs(client: CallerClient, job_script, tmp_path: Path):
 
 
 def job_processes(state_dir: Path, job_id: str) -> list[int]:
-    """Return the PIDs of every process whose command line names this job's directory."""
-    marker = str(state_dir / "jobs" / job_id).encode()
+    """Return the PIDs of the job's processes: those that see its directory as their job mount, and its bwrap launcher."""
+    job_dir = state_dir / "jobs" / job_id
+    marker = str(job_dir).encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -216,7 +218,7 @@ def job_processes(state_dir: Path, job_id: str) -> list[int]:
             command_line = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if marker in command_line:
+        if marker in command_line or mounts_job_dir(int(entry.name), job_dir):
             found.append(int(entry.name))
     return found
 

@@ -45,6 +45,7 @@ def test_external_checkpoint_then_crash_restores(client, job_script, tmp_path: P
     os.kill(client.get_job(job["id"])["pid"], signal.SIGKILL)
 
     result = client.result(job["id"], wait=60)
+    assert result["state"] == "completed", (result, [event["message"] for event in client.events(job["id"])])
     assert result["output"]["total"] == sum(range(1, 61))
     assert client.get_job(job["id"])["restore_count"] == 1
 

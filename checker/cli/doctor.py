@@ -106,6 +106,14 @@ def check_root() -> CheckResult:
     return CheckResult("privileges", False, "CRIU dumps and PID namespaces need root; run the server as root")
 
 
+def check_bubblewrap() -> CheckResult:
+    path = shutil.which("bwrap")
+    if path is None:
+        return CheckResult("bubblewrap", False, "bwrap not found; every job runs under it; install it with scripts/install-bubblewrap.sh (apt-get install bubblewrap)")
+    completed = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    return CheckResult("bubblewrap", completed.returncode == 0, f"{path} ({completed.stdout.strip() or completed.stderr.strip()})")
+
+
 async def self_test(criu: Criu) -> CheckResult:
     """Dump, SIGKILL and restore a job that holds a TCP connection."""
     become_child_subreaper()  # The restored copy is re-parented to us, so we can reap it.
@@ -171,7 +179,9 @@ def run_doctor(configured_criu: str | None = None) -> int:
         results.append(check_feature(criu, "uffd-noncoop", "userfaultfd", "lazy restore (--lazy-pages)"))
         results.append(check_feature(criu, "mem_dirty_track", "dirty tracking", "incremental dumps (pre-dump)"))
     results.append(describe_cgroups())
-    if criu is not None and results[0].ok:
+    bubblewrap = check_bubblewrap()
+    results.append(bubblewrap)
+    if criu is not None and results[0].ok and bubblewrap.ok:
         results.append(asyncio.run(self_test(criu)))
 
     for result in results:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from checker.runtimes.procfs import ProcessIdentity
 
 @dataclass(frozen=True)
 class JobFiles:
-    """Host paths of one job's files."""
+    """Paths of one job's files, on the host or as the job sees them inside its mount namespace."""
 
     job_dir: Path
     """Directory with everything below; removed by cleanup."""
@@ -26,6 +27,11 @@ class JobFiles:
     exit_status_path: Path
     """JSON file the job's init writes when the job exits: {"exit_code": N} or {"signal": N}."""
 
+    @property
+    def identity_path(self) -> Path:
+        """JSON file with the job's id and token, which the SDK reads before each call."""
+        return self.job_dir / "identity.json"
+
     @classmethod
     def under(cls, job_dir: Path) -> "JobFiles":
         return cls(
@@ -35,6 +41,16 @@ class JobFiles:
             stderr_path=job_dir / "stderr.log",
             exit_status_path=job_dir / "exit-status.json",
         )
+
+
+def write_identity(files: JobFiles, job_id: str, token: str) -> None:
+    """Write the identity file the SDK reads, readable by its owner only, replacing any old one atomically."""
+    files.job_dir.mkdir(parents=True, exist_ok=True)
+    staging = files.identity_path.with_suffix(".tmp")
+    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as identity_file:
+        json.dump({"job_id": job_id, "token": token}, identity_file)
+    os.replace(staging, files.identity_path)
 
 
 @dataclass(frozen=True)
@@ -85,8 +101,6 @@ def read_exit_status(files: JobFiles, wait_status: int | None) -> ExitStatus:
 
     signal_number = None
     if wait_status is not None:
-        import os
-
         if os.WIFSIGNALED(wait_status):
             signal_number = os.WTERMSIG(wait_status)
     return ExitStatus(exit_code=None, signal=signal_number, reported=False)

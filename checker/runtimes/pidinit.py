@@ -62,7 +62,8 @@ def main(argv):
     stdout_path, stderr_path, exit_status_path, workdir = argv[1:5]
     command = argv[6:]
 
-    os.setsid()
+    if os.getsid(0) != os.getpid():  # bwrap --new-session made this process a session leader already.
+        os.setsid()
     redirect_standard_streams(stdout_path, stderr_path)
     os.closerange(3, 1 << 16)
     os.chdir(workdir)

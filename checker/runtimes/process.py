@@ -1,17 +1,24 @@
-"""The `process` runtime: each job in its own PID namespace on the host.
+"""The `process` runtime: each job in its own PID and mount namespace on the host.
 
 Layout of a running job, as seen from the host::
 
-    unshare --pid --fork           (host process, only until the first restore)
+    bwrap                          (host process, only until the first restore)
       └─ pidinit.py                PID 1 of the namespace, session leader
            └─ the job's command    PID 2, stdout/stderr appended to log files
 
 Own PID namespace: a restored job gets back the PIDs it had, which would clash
-with any process (even a zombie) using them; in a fresh namespace they are free,
-so the same image can be restored several times at once (its copies share the
-job's log and exit-status paths, which are part of the image). The namespace init is
-the root of every dump. After `criu restore -d` the restored init is re-parented
-to the nearest child subreaper, which is the server.
+with any process (even a zombie) using them. In a fresh namespace they are
+free, so the same image can be restored several times at once.
+
+Own mount namespace: bubblewrap bind-mounts the whole host filesystem, and the
+job's directory at JOB_MOUNT on top. Every path of the job's own files (logs,
+exit status, work directory, identity) is therefore the same for every job and
+every copy, and a restore decides which host directory is mounted there. That
+is what lets a fork run from another job's image with its own files. CRIU
+treats the host bind mounts as external and mounts them again on restore.
+
+The namespace init is the root of every dump. After `criu restore -d` the
+restored init is re-parented to the nearest child subreaper, which is the server.
 """
 
 from __future__ import annotations
@@ -26,22 +33,51 @@ from pathlib import Path
 
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import procfs
-from checker.runtimes.base import ExitStatus, LaunchSpec, Runtime, read_exit_status
+from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime, read_exit_status
 from checker.runtimes.criu import DEFAULT_TIMEOUT_SECONDS, Criu, run_criu
 from checker.runtimes.procfs import ProcessIdentity
+from checker.sdk.client import ENV_IDENTITY_FILE
 
 logger = logging.getLogger(__name__)
 
 PIDINIT = Path(__file__).with_name("pidinit.py")
 START_TIMEOUT_SECONDS = 10.0
 
+LAUNCHER_LOG = "launcher.log"
+JOB_MOUNT = Path("/run/checker/job")
+"""Path of each job's own directory inside its mount namespace; an empty directory on the host."""
+JOB_MOUNT_KEY = "checker-job"
+"""CRIU's name for the job directory's mount, which each restore maps to a host directory."""
+INSIDE = JobFiles.under(JOB_MOUNT)
+
 # Options used on every dump and restore:
 #   --tcp-close   connections are not frozen; a restored copy finds them closed
 #                 and re-opens them (the SDK retries its pending call).
 #   --link-remap  open files that were unlinked (tempfile.TemporaryFile) are
 #                 dumped through a temporary link instead of failing the dump.
-DUMP_OPTIONS = ["--tcp-close", "--link-remap"]
-RESTORE_OPTIONS = ["--tcp-close", "--restore-detached"]
+#   --external mnt[]  bind mounts of host directories are external: CRIU
+#                 records their source instead of their contents, and on restore
+#                 mounts the same host paths again, except the job directory,
+#                 which each restore maps through JOB_MOUNT_KEY.
+DUMP_OPTIONS = ["--tcp-close", "--link-remap", "--external", "mnt[]", "--external", f"mnt[{JOB_MOUNT}]:{JOB_MOUNT_KEY}"]
+RESTORE_OPTIONS = ["--tcp-close", "--restore-detached", "--root", "/", "--external", "mnt[]"]
+
+
+def launch_command(job_dir: Path, command: list[str]) -> list[str]:
+    """Return the bwrap command that runs `command` as a job whose directory is `job_dir`."""
+    return [
+        "bwrap", "--unshare-pid", "--as-pid-1", "--new-session",
+        "--dev-bind", "/", "/", "--bind", str(job_dir), str(JOB_MOUNT), "--chdir", str(INSIDE.work_dir),
+        "--",
+        sys.executable, "-I", "-S", str(PIDINIT),
+        str(INSIDE.stdout_path), str(INSIDE.stderr_path), str(INSIDE.exit_status_path), str(INSIDE.work_dir),
+        "--", *command,
+    ]
+
+
+def restore_options(job_dir: Path) -> list[str]:
+    """Return the options of a `criu restore` that mounts `job_dir` as the restored job's directory."""
+    return [*RESTORE_OPTIONS, "--external", f"mnt[{JOB_MOUNT_KEY}]:{job_dir}"]
 
 
 class ProcessRuntime(Runtime):
@@ -67,31 +103,30 @@ class ProcessRuntime(Runtime):
         files.work_dir.mkdir(parents=True, exist_ok=True)
         files.exit_status_path.unlink(missing_ok=True)
 
-        command = [
-            "unshare", "--pid", "--fork", "--",
-            sys.executable, "-I", "-S", str(PIDINIT),
-            str(files.stdout_path), str(files.stderr_path), str(files.exit_status_path), str(files.work_dir),
-            "--", *spec.command,
-        ]
+        JOB_MOUNT.mkdir(parents=True, exist_ok=True)
+        command = launch_command(files.job_dir, spec.command)
         try:
-            launcher = subprocess.Popen(
-                command,
-                env=spec.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-                start_new_session=True,
-            )
+            with open(files.job_dir / LAUNCHER_LOG, "wb") as launcher_log:
+                launcher = subprocess.Popen(
+                    command,
+                    env={**spec.env, ENV_IDENTITY_FILE: str(INSIDE.identity_path)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=launcher_log,
+                    close_fds=True,
+                    start_new_session=True,
+                )
         except OSError as error:
-            raise CheckerError(ErrorCode.START_FAILED, f"start of job {spec.job_id} failed: cannot run unshare: {error}") from error
+            raise CheckerError(
+                ErrorCode.START_FAILED, f"start of job {spec.job_id} failed: cannot run bwrap: {error}; install bubblewrap (apt-get install bubblewrap)"
+            ) from error
 
         init = await self._find_namespace_init(spec, launcher)
         self._launchers[init.pid] = launcher
         return init
 
     async def _find_namespace_init(self, spec: LaunchSpec, launcher: subprocess.Popen) -> ProcessIdentity:
-        """Return the namespace init that `unshare --fork` started as its only child."""
+        """Return the namespace init, which bwrap starts as its only child."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_SECONDS
         while loop.time() < deadline:
@@ -100,10 +135,11 @@ class ProcessRuntime(Runtime):
                 if identity is not None:
                     return identity
             if launcher.poll() is not None:
+                output = (spec.files.job_dir / LAUNCHER_LOG).read_text(errors="replace").strip() or "no output"
                 raise CheckerError(
                     ErrorCode.START_FAILED,
-                    f"start of job {spec.job_id} failed: unshare exited with {launcher.returncode}; "
-                    "creating a PID namespace needs root (CAP_SYS_ADMIN)",
+                    f"start of job {spec.job_id} failed: bwrap exited with {launcher.returncode} ({output}); "
+                    "creating PID and mount namespaces needs root (CAP_SYS_ADMIN)",
                 )
             await asyncio.sleep(0.005)
 
@@ -146,7 +182,8 @@ class ProcessRuntime(Runtime):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         pid_file = spec.files.job_dir / "restored.pid"
         pid_file.unlink(missing_ok=True)
-        arguments = ["restore", "--images-dir", str(image_dir), *RESTORE_OPTIONS, "--pidfile", str(pid_file)]
+        JOB_MOUNT.mkdir(parents=True, exist_ok=True)
+        arguments = ["restore", "--images-dir", str(image_dir), *restore_options(spec.files.job_dir), "--pidfile", str(pid_file)]
         if leave_stopped:
             arguments.append("--leave-stopped")
         await run_criu(self.criu, arguments, log_path, ErrorCode.RESTORE_FAILED, context, timeout=self.criu_timeout_seconds)
@@ -178,11 +215,7 @@ class ProcessRuntime(Runtime):
         if keep is not None and pid == keep.pid:
             return None
 
-        try:
-            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-        if str(spec.files.exit_status_path).encode() not in command_line:
+        if not mounts_job_dir(pid, spec.files.job_dir):
             return None  # The PID was reused by an unrelated process.
 
         try:
@@ -213,3 +246,13 @@ class ProcessRuntime(Runtime):
 
     async def cleanup(self, spec: LaunchSpec) -> None:
         (spec.files.job_dir / "restored.pid").unlink(missing_ok=True)
+
+
+def mounts_job_dir(pid: int, job_dir: Path) -> bool:
+    """Return whether process `pid` has `job_dir` mounted at JOB_MOUNT, which makes it a process of that job."""
+    try:
+        seen = os.stat(f"/proc/{pid}/root{JOB_MOUNT}")
+        expected = os.stat(job_dir)
+    except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
+        return False
+    return (seen.st_dev, seen.st_ino) == (expected.st_dev, expected.st_ino)

@@ -22,6 +22,7 @@ from typing import Any
 ENV_API_URL = "CHECKER_API_URL"
 ENV_JOB_ID = "CHECKER_JOB_ID"
 ENV_TOKEN = "CHECKER_TOKEN"
+ENV_IDENTITY_FILE = "CHECKER_IDENTITY_FILE"
 ENV_PARAMS = "CHECKER_PARAMS"
 ENV_RETRY_SECONDS = "CHECKER_API_RETRY_SECONDS"
 
@@ -113,7 +114,7 @@ def parse_duration(duration: float | int | str) -> float:
 class RuntimeClient:
     """Client of the runtime API for one job, authenticated by the job's token."""
 
-    def __init__(self, api_url: str, job_id: str, token: str, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+    def __init__(self, api_url: str, job_id: str, token: str, retry_seconds: float = DEFAULT_RETRY_SECONDS, identity_file: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(api_url)
         if parsed.scheme != "http" or not parsed.hostname:
             raise RuntimeAPIError(f"invalid {ENV_API_URL} {api_url!r}: expected http://HOST:PORT")
@@ -122,6 +123,7 @@ class RuntimeClient:
         self._job_id = job_id
         self._token = token
         self._retry_seconds = retry_seconds
+        self._identity_file = identity_file
 
     @classmethod
     def from_environment(cls) -> "RuntimeClient | None":
@@ -129,18 +131,28 @@ class RuntimeClient:
         api_url = os.environ.get(ENV_API_URL)
         if not api_url:
             return None
+        retry_seconds = float(os.environ.get(ENV_RETRY_SECONDS, DEFAULT_RETRY_SECONDS))
+
+        identity_file = os.environ.get(ENV_IDENTITY_FILE)
+        if identity_file:
+            job_id, token = read_identity(identity_file)
+            return cls(api_url, job_id, token, retry_seconds, identity_file)
 
         job_id = os.environ.get(ENV_JOB_ID)
         token = os.environ.get(ENV_TOKEN)
         if not job_id or not token:
             raise RuntimeAPIError(f"{ENV_API_URL} is set but {ENV_JOB_ID} or {ENV_TOKEN} is missing")
-
-        retry_seconds = float(os.environ.get(ENV_RETRY_SECONDS, DEFAULT_RETRY_SECONDS))
         return cls(api_url, job_id, token, retry_seconds)
 
     @property
     def job_id(self) -> str:
+        self._reload_identity()
         return self._job_id
+
+    def _reload_identity(self) -> None:
+        """Read the job id and token again, because a copy forked from this process's image belongs to another job."""
+        if self._identity_file is not None:
+            self._job_id, self._token = read_identity(self._identity_file)
 
     def params(self) -> dict[str, Any]:
         """Fetch the parameters the job was spawned with."""
@@ -201,11 +213,13 @@ class RuntimeClient:
         self._call("POST", "exit", {"exit_code": exit_code, "output": output}, timeout=60.0)
 
     def _call(self, method: str, action: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-        path = f"/v1/runtime/jobs/{urllib.parse.quote(self._job_id)}/{action}"
         deadline = time.monotonic() + self._retry_seconds
         delay = 0.05
 
         while True:
+            # Each attempt may run in a restored or forked copy, so it reads the identity again.
+            self._reload_identity()
+            path = f"/v1/runtime/jobs/{urllib.parse.quote(self._job_id)}/{action}"
             try:
                 status, payload = self._send(method, path, body, timeout)
             except (ConnectionError, http.client.HTTPException, TimeoutError, OSError) as error:
@@ -241,6 +255,16 @@ class RuntimeClient:
         except ValueError:
             payload = {"detail": raw[:200].decode(errors="replace")}
         return response.status, payload
+
+
+def read_identity(path: str) -> tuple[str, str]:
+    """Read the job id and token from the identity file that Checker writes for each job."""
+    try:
+        with open(path, encoding="utf-8") as identity_file:
+            identity = json.load(identity_file)
+        return str(identity["job_id"]), str(identity["token"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RuntimeAPIError(f"cannot read the job identity from {ENV_IDENTITY_FILE} {path!r}: {error}") from error
 
 
 def flush_standard_streams() -> None:

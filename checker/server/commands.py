@@ -95,3 +95,5 @@ class Boot:
     """First command of every runner: start, restore or adopt the job."""
 
     adopt: ProcessIdentity | None = None
+    restore_reason: str | None = None
+    """Restore the newest valid checkpoint at once, for this reason (a fork)."""

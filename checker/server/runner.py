@@ -24,7 +24,7 @@ from typing import Any
 
 from checker.config import Settings
 from checker.errors import CheckerError, CorruptCheckpointError, CriuError, ErrorCode
-from checker.runtimes.base import JobFiles, LaunchSpec, Runtime
+from checker.runtimes.base import JobFiles, LaunchSpec, Runtime, write_identity
 from checker.runtimes.procfs import ProcessIdentity
 from checker.server.commands import (
     RESUMED_BY_CALLER,
@@ -96,8 +96,8 @@ class JobRunner:
 
     # Public interface, called from HTTP handlers
 
-    def start(self, adopt: ProcessIdentity | None = None) -> None:
-        self._queue.put_nowait(Boot(adopt=adopt))
+    def start(self, adopt: ProcessIdentity | None = None, restore_reason: str | None = None) -> None:
+        self._queue.put_nowait(Boot(adopt=adopt, restore_reason=restore_reason))
         self._task = asyncio.create_task(self._run(), name=f"runner-{self.job_id}")
 
     async def stop(self) -> None:
@@ -285,7 +285,9 @@ class JobRunner:
             self._watch()
             self._event("adopted", f"job {self.job_id} re-adopted: process {command.adopt.pid} was still running", pid=command.adopt.pid)
             return
-        if self.job.state == JobState.PENDING:
+        if command.restore_reason is not None:
+            await self._restore_newest(command.restore_reason)
+        elif self.job.state == JobState.PENDING:
             await self._start_fresh(reason="started")
         elif self.job.state == JobState.SUSPENDED:
             self._schedule_wake()
@@ -308,6 +310,7 @@ class JobRunner:
     async def _start_fresh(self, reason: str) -> None:
         token = secrets.token_urlsafe(32)
         self.job = self.context.state.update_job(self.job_id, token_hash=hash_token(token), output_reported=0, output=None)
+        write_identity(self.files, self.job_id, token)
         spec = self._launch_spec(self._job_environment(token))
         try:
             self.process = await self.runtime.start(spec)
