@@ -125,6 +125,9 @@ class CallerClient:
     def checkpoint(self, job_id: str, suspend: bool = False) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/checkpoint", json={"suspend": suspend}, timeout=3600).json()
 
+    def fork(self, job_id: str, checkpoint: int | None = None) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/fork", json={"checkpoint": checkpoint}, timeout=3600).json()
+
     def resume(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/resume").json()
 

@@ -314,6 +314,13 @@ def command_jobs_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_jobs_fork(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.fork(args.job, args.checkpoint)
+    print(f"job {job['id']} forked from checkpoint {job['last_checkpoint']} of job {args.job}; follow it with 'checker logs {job['id']} --follow'")
+    return 0
+
+
 def command_jobs_resume(args: argparse.Namespace) -> int:
     with connect(args) as client:
         job = client.resume(args.job)
@@ -429,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_checkpoint.add_argument("--suspend", action="store_true", help="Stop the job after the checkpoint until 'checker jobs resume'.")
     add_client_options(jobs_checkpoint)
     jobs_checkpoint.set_defaults(handler=command_jobs_checkpoint)
+    jobs_fork = jobs_commands.add_parser("fork", help="Start a new job from a checkpoint of a job; the job itself is not touched.")
+    jobs_fork.add_argument("job")
+    jobs_fork.add_argument("--checkpoint", type=int, help="Checkpoint number to fork from (default: the newest valid one).")
+    add_client_options(jobs_fork)
+    jobs_fork.set_defaults(handler=command_jobs_fork)
     jobs_resume = jobs_commands.add_parser("resume", help="Restore a suspended job now.")
     jobs_resume.add_argument("job")
     add_client_options(jobs_resume)

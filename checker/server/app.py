@@ -295,6 +295,10 @@ def build_caller_router() -> APIRouter:
         answer = await manager.checkpoint_from_outside(job_id, suspend)
         return models.ExternalCheckpointOut(checkpoint=answer.checkpoint, suspended=suspend)
 
+    @router.post("/jobs/{job_id}/fork", response_model=models.JobOut, status_code=201)
+    async def fork_job(job_id: str, manager: Manager, body: models.ForkBody | None = None) -> models.JobOut:
+        return job_out(await manager.fork(job_id, body.checkpoint if body is not None else None))
+
     @router.post("/jobs/{job_id}/resume", response_model=models.JobOut)
     async def resume_job(job_id: str, manager: Manager) -> models.JobOut:
         return job_out(manager.resume(job_id))

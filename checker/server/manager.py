@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import secrets
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from checker.config import Settings
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import Runtime
+from checker.runtimes.base import JobFiles, write_identity
 from checker.runtimes.procfs import ProcessIdentity, is_alive
-from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token
+from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token, hash_token
 from checker.store.checkpoints import LocalCheckpointStore
-from checker.store.state import DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
+from checker.store.state import CheckpointRecord, CheckpointStatus, DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,33 @@ def split_definition_reference(reference: str, version: int | None) -> tuple[str
     if version is not None and suffix_version != version:
         raise CheckerError(ErrorCode.INVALID_REQUEST, f"definition {reference!r} and version {version} disagree; give the version once")
     return name, suffix_version
+
+
+def prepare_fork_files(source: JobFiles, fork: JobFiles, log_sizes: dict[str, int]) -> None:
+    """Give a fork its own logs, cut to their length at the checkpoint, and a copy of the source's work directory."""
+    fork.job_dir.mkdir(parents=True)
+    for name, source_log, fork_log in (("stdout", source.stdout_path, fork.stdout_path), ("stderr", source.stderr_path, fork.stderr_path)):
+        copy_prefix(source_log, fork_log, log_sizes.get(name, 0))
+    # NOTE: the work directory is copied as it is now, not as it was at the
+    # checkpoint, because checkpoints do not capture it yet.
+    if source.work_dir.is_dir():
+        shutil.copytree(source.work_dir, fork.work_dir, symlinks=True)
+    else:
+        fork.work_dir.mkdir()
+
+
+def copy_prefix(source: Path, target: Path, size: int) -> None:
+    """Copy the first `size` bytes of `source` (fewer if it is shorter or missing) to a new file `target`."""
+    with open(target, "wb") as writer:
+        try:
+            reader = open(source, "rb")
+        except FileNotFoundError:
+            return
+        with reader:
+            remaining = size
+            while remaining > 0 and (block := reader.read(min(remaining, 1 << 20))):
+                writer.write(block)
+                remaining -= len(block)
 
 
 class JobManager:
@@ -130,10 +161,10 @@ class JobManager:
         self.runner_for(job_id).resume()
         return self.get_job(job_id)
 
-    def _start_runner(self, job: JobRecord, adopt: ProcessIdentity | None = None) -> JobRunner:
+    def _start_runner(self, job: JobRecord, adopt: ProcessIdentity | None = None, restore_reason: str | None = None) -> JobRunner:
         runner = JobRunner(job, self.context)
         self.runners[job.id] = runner
-        runner.start(adopt)
+        runner.start(adopt, restore_reason)
         return runner
 
     def _on_runner_finished(self, runner: JobRunner) -> None:
@@ -182,6 +213,60 @@ class JobManager:
         logger.info("job %s created from %s version %d", job_id, definition.name, definition.version)
         self._start_runner(job)
         return job, True
+
+    async def fork(self, source_id: str, number: int | None) -> JobRecord:
+        """Create a job restored from checkpoint `number` (default: the newest valid one) of another job.
+
+        The fork gets its own id, token, PID namespace and files: logs cut to
+        their length at the checkpoint and a copy of the source's work
+        directory as it is now. The source job is not touched.
+        """
+        source = self.get_job(source_id)
+        checkpoint = self._checkpoint_to_fork(source, number)
+        fork_id = secrets.token_hex(8)
+        token = secrets.token_urlsafe(32)
+        manifest = self.context.checkpoints.read_manifest(source.id, checkpoint.number)
+
+        source_files = JobFiles.under(self.settings.jobs_dir / source.id)
+        fork_files = JobFiles.under(self.settings.jobs_dir / fork_id)
+        await asyncio.to_thread(prepare_fork_files, source_files, fork_files, manifest.job_files)
+        write_identity(fork_files, fork_id, token)
+        await asyncio.to_thread(self.context.checkpoints.copy, source.id, checkpoint.number, fork_id)
+
+        values = {
+            "id": fork_id,
+            "definition_name": source.definition_name,
+            "definition_version": source.definition_version,
+            "runtime_type": source.runtime_type,
+            "runtime_config": source.runtime_config,
+            "state": JobState.RUNNING,
+            "params": source.params,
+            "env": source.env,
+            "metadata": source.metadata,
+            "token_hash": hash_token(token),
+            "retry_policy": source.retry_policy,
+            "execution_timeout_seconds": source.execution_timeout_seconds,
+            "attempt": 1,
+            "started_at": time.time(),
+        }
+        copy = dataclasses.replace(checkpoint, job_id=fork_id, location=str(self.context.checkpoints.location(fork_id, checkpoint.number)))
+        message = f"job {fork_id} forked from checkpoint {checkpoint.number} of job {source.id}"
+        job = self.state.insert_fork(values, copy, source.id, message)
+        logger.info(message)
+        self._start_runner(job, restore_reason=f"it was forked from checkpoint {checkpoint.number} of job {source.id}")
+        return job
+
+    def _checkpoint_to_fork(self, source: JobRecord, number: int | None) -> CheckpointRecord:
+        valid = self.state.list_checkpoints(source.id, [CheckpointStatus.VALID])
+        if number is None:
+            if not valid:
+                raise CheckerError(ErrorCode.INVALID_STATE, f"job {source.id} has no valid checkpoint to fork from; fork it after its first checkpoint")
+            return valid[-1]
+        for checkpoint in valid:
+            if checkpoint.number == number:
+                return checkpoint
+        numbers = ", ".join(str(checkpoint.number) for checkpoint in valid) or "none"
+        raise CheckerError(ErrorCode.NOT_FOUND, f"job {source.id} has no valid checkpoint {number}; its valid checkpoints: {numbers}")
 
     @staticmethod
     def _check_idempotent_match(existing: JobRecord, digest: str, key: str) -> JobRecord:

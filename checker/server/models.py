@@ -274,6 +274,10 @@ class ExternalCheckpointBody(StrictModel):
     suspend: bool = Field(default=False, description="Stop the job after the checkpoint; it stays suspended until resumed.")
 
 
+class ForkBody(StrictModel):
+    checkpoint: int | None = Field(default=None, ge=1, description="Checkpoint number of the source job; the newest valid one by default.")
+
+
 class ExternalCheckpointOut(BaseModel):
     checkpoint: int
     suspended: bool

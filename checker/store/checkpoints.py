@@ -33,6 +33,7 @@ list is ignored, except that it is never restored from.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -346,6 +347,29 @@ class LocalCheckpointStore:
                 f"manifest {where} belongs to job {manifest.job_id} checkpoint {manifest.checkpoint}; the store directory was altered"
             )
         return manifest
+
+    def copy(self, source_job_id: str, number: int, target_job_id: str) -> Manifest:
+        """Copy checkpoint `number` of one job into another job's checkpoints, under the same number.
+
+        Image files are hard-linked where the file system allows it, so a copy
+        costs no space. The manifest is rewritten for the target job and, as
+        in `commit`, written last.
+        """
+        manifest = self.read_manifest(source_job_id, number)
+        source = self.location(source_job_id, number)
+        staging = self.begin(target_job_id, number)
+        for entry in manifest.files:
+            try:
+                os.link(source / entry.path, staging / entry.path)
+            except OSError:
+                shutil.copy2(source / entry.path, staging / entry.path)
+
+        copied = dataclasses.replace(manifest, job_id=target_job_id)
+        self._write_manifest(staging, copied)
+        os.rename(staging, self.location(target_job_id, number))
+        if self.fsync:
+            fsync_path(self.location(target_job_id, number).parent)
+        return copied
 
     def hasher_for(self, staging: Path) -> StreamingImageHasher:
         return StreamingImageHasher(staging, self.fsync)

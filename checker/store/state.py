@@ -383,10 +383,10 @@ class StateStore:
 
     # Jobs
 
-    def insert_job(self, values: dict[str, Any], event_message: str) -> JobRecord:
-        """Insert a new job and its `created` event; raise DuplicateIdempotencyKey on a reused key."""
+    @staticmethod
+    def _new_job_row(values: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
-        row = {
+        return {
             "checkpoint_count": 0,
             "restore_count": 0,
             "restart_count": 0,
@@ -396,6 +396,10 @@ class StateStore:
             "updated_at": now,
             **values,
         }
+
+    def insert_job(self, values: dict[str, Any], event_message: str) -> JobRecord:
+        """Insert a new job and its `created` event; raise DuplicateIdempotencyKey on a reused key."""
+        row = self._new_job_row(values)
         try:
             with self.engine.begin() as connection:
                 connection.execute(insert(jobs).values(**row))
@@ -404,6 +408,34 @@ class StateStore:
             if values.get("idempotency_key") and self.find_job_by_idempotency_key(values["idempotency_key"]):
                 raise DuplicateIdempotencyKey(values["idempotency_key"]) from error
             raise
+        job = self.get_job(row["id"])
+        assert job is not None
+        return job
+
+    def insert_fork(self, values: dict[str, Any], checkpoint: CheckpointRecord, source_job_id: str, event_message: str) -> JobRecord:
+        """Insert a job forked from checkpoint `checkpoint.number` of another job, atomically with its copy of that checkpoint.
+
+        The fork also gets the source's call tokens up to that checkpoint, so
+        the call that the image was taken in returns `restored` in the fork
+        instead of taking a new checkpoint. The fork's restore count starts
+        above every copied token's, which marks those calls as restored.
+        """
+        with self.engine.begin() as connection:
+            copied = connection.execute(
+                select(checkpoint_tokens).where(
+                    checkpoint_tokens.c.job_id == source_job_id, checkpoint_tokens.c.checkpoint_number <= checkpoint.number
+                )
+            ).mappings().all()
+            restore_count = max((row["restore_count"] for row in copied), default=0) + 1
+            row = self._new_job_row(
+                {"last_checkpoint": checkpoint.number, "checkpoint_count": 1, "restore_count": restore_count, **values}
+            )
+            connection.execute(insert(jobs).values(**row))
+            connection.execute(insert(checkpoints).values(**checkpoint.__dict__))
+            for token_row in copied:
+                connection.execute(insert(checkpoint_tokens).values(**{**token_row, "job_id": row["id"]}))
+            data = {"source_job": source_job_id, "checkpoint": checkpoint.number}
+            self._insert_event(connection, row["id"], "forked", event_message, data)
         job = self.get_job(row["id"])
         assert job is not None
         return job
