@@ -58,6 +58,7 @@ def test_fork_runs_beside_original(server: ServerProcess, client: CallerClient, 
 
     fork = wait_until(lambda: (job := client.get_job(fork_id))["restore_count"] >= 1 and job, 60, "the fork to be restored")
     assert fork["state"] == "running"
+    assert fork["restore_count"] == 1
     assert fork["pid"] != client.get_job(original["id"])["pid"]
     gate.touch()
 
@@ -101,6 +102,7 @@ def test_fork_has_own_files_and_token(server: ServerProcess, client: CallerClien
     assert fork["id"] in fork_identity
     assert original_identity != fork_identity
     assert "restored" not in event_kinds(client, original["id"])
+    assert "forked_into" in event_kinds(client, original["id"])
     assert "forked" in event_kinds(client, fork["id"])
 
 
@@ -164,10 +166,21 @@ def test_fork_rejects_invalid_requests(server: ServerProcess, client: CallerClie
 
     answer = httpx.post(f"{server.url}/v1/jobs/{forkable['id']}/fork", json={"checkpoint": 0}, timeout=30)
     assert answer.status_code == 422
-    assert "checkpoint" in answer.text
+    assert "checkpoint: Input should be greater than or equal to 1 (got 0)" in answer.json()["detail"]
+    for loose in ("1", True, 1.0):
+        answer = httpx.post(f"{server.url}/v1/jobs/{forkable['id']}/fork", json={"checkpoint": loose}, timeout=30)
+        assert answer.status_code == 422, (loose, answer.text)
+        assert "checkpoint" in answer.json()["detail"]
 
     completed = fork_with_cli(server, forkable["id"], "--checkpoint", "9")
     assert completed.returncode != 0
-    assert "has no valid checkpoint 9" in completed.stderr
+    assert "has no valid checkpoint 9; its valid checkpoints: 1" in completed.stderr
+    assert "jobs list" not in completed.stderr
     assert "Traceback" not in completed.stderr
+
     gate.touch()
+    client.result(waiting["id"], wait=60)
+    with pytest.raises(APIError) as finished:
+        client.fork(waiting["id"])
+    assert finished.value.status == 409
+    assert f"job {waiting['id']} is completed and has no valid checkpoint, so there is nothing to fork from" in str(finished.value)

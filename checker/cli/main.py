@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except APIError as error:
-        hint = "; 'checker jobs list' shows the jobs" if error.status == 404 and "job " in str(error) else ""
+        hint = "; 'checker jobs list' shows the jobs" if error.status == 404 and re.search(r"job '[^']*' not found", str(error)) else ""
         print(f"checker: error: {error}{hint}", file=sys.stderr)
         return 1
     except (CLIError, CriuNotFoundError, StateDirectoryInUse, ValueError) as error:

@@ -123,7 +123,7 @@ def describe_validation_error(error: RequestValidationError) -> str:
     for item in error.errors():
         location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
         problem = f"{location}: {item.get('msg', 'invalid')}"
-        if item.get("type") == "string_pattern_mismatch":
+        if item.get("type") in ("string_pattern_mismatch", "greater_than_equal", "less_than_equal", "greater_than", "less_than", "int_type"):
             problem += f" (got {item.get('input')!r})"
         problems.append(problem)
     return "; ".join(problems)

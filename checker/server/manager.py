@@ -259,9 +259,11 @@ class JobManager:
     def _checkpoint_to_fork(self, source: JobRecord, number: int | None) -> CheckpointRecord:
         valid = self.state.list_checkpoints(source.id, [CheckpointStatus.VALID])
         if number is None:
-            if not valid:
-                raise CheckerError(ErrorCode.INVALID_STATE, f"job {source.id} has no valid checkpoint to fork from; fork it after its first checkpoint")
-            return valid[-1]
+            if valid:
+                return valid[-1]
+            if source.terminal:
+                raise CheckerError(ErrorCode.INVALID_STATE, f"job {source.id} is {source.state} and has no valid checkpoint, so there is nothing to fork from")
+            raise CheckerError(ErrorCode.INVALID_STATE, f"job {source.id} has no valid checkpoint to fork from; fork it after its first checkpoint")
         for checkpoint in valid:
             if checkpoint.number == number:
                 return checkpoint

@@ -275,7 +275,7 @@ class ExternalCheckpointBody(StrictModel):
 
 
 class ForkBody(StrictModel):
-    checkpoint: int | None = Field(default=None, ge=1, description="Checkpoint number of the source job; the newest valid one by default.")
+    checkpoint: int | None = Field(default=None, ge=1, strict=True, description="Checkpoint number of the source job; the newest valid one by default.")
 
 
 class ExternalCheckpointOut(BaseModel):

@@ -417,8 +417,8 @@ class StateStore:
 
         The fork also gets the source's call tokens up to that checkpoint, so
         the call that the image was taken in returns `restored` in the fork
-        instead of taking a new checkpoint. The fork's restore count starts
-        above every copied token's, which marks those calls as restored.
+        instead of taking a new checkpoint. The copies count as made before
+        restore 0, and the fork's first restore makes them restored calls.
         """
         with self.engine.begin() as connection:
             copied = connection.execute(
@@ -426,16 +426,14 @@ class StateStore:
                     checkpoint_tokens.c.job_id == source_job_id, checkpoint_tokens.c.checkpoint_number <= checkpoint.number
                 )
             ).mappings().all()
-            restore_count = max((row["restore_count"] for row in copied), default=0) + 1
-            row = self._new_job_row(
-                {"last_checkpoint": checkpoint.number, "checkpoint_count": 1, "restore_count": restore_count, **values}
-            )
+            row = self._new_job_row({"last_checkpoint": checkpoint.number, "checkpoint_count": 1, **values})
             connection.execute(insert(jobs).values(**row))
             connection.execute(insert(checkpoints).values(**checkpoint.__dict__))
             for token_row in copied:
-                connection.execute(insert(checkpoint_tokens).values(**{**token_row, "job_id": row["id"]}))
-            data = {"source_job": source_job_id, "checkpoint": checkpoint.number}
+                connection.execute(insert(checkpoint_tokens).values(**{**token_row, "job_id": row["id"], "restore_count": 0}))
+            data = {"source_job": source_job_id, "fork": row["id"], "checkpoint": checkpoint.number}
             self._insert_event(connection, row["id"], "forked", event_message, data)
+            self._insert_event(connection, source_job_id, "forked_into", f"checkpoint {checkpoint.number} forked into job {row['id']}", data)
         job = self.get_job(row["id"])
         assert job is not None
         return job
