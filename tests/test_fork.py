@@ -67,7 +67,7 @@ def test_fork_runs_beside_original(server: ServerProcess, client: CallerClient, 
     assert original_result["state"] == "completed", original_result
     assert fork_result["state"] == "completed", fork_result
 
-    # Same memory up to the checkpoint, and the fork knows it is a restored copy.
+    # Same memory up to the checkpoint, and the fork's checkpoint call returned restored=True.
     assert fork_result["output"]["secret"] == original_result["output"]["secret"]
     assert original_result["output"]["restored"] is False
     assert fork_result["output"]["restored"] is True

@@ -139,11 +139,13 @@ async def run_criu(
     *,
     timeout: float | None = None,
     abandon_when: Callable[[], str | None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
     """Run CRIU with its log at `log_path`; raise CriuError naming `context` on failure.
 
     `context` names the operation, job and checkpoint ("dump of job 3f2a,
     checkpoint 7"), so the error reads on its own in logs and API answers.
+    `env` adds variables to CRIU's environment, for its action scripts.
 
     CRIU is killed when it runs longer than `timeout` seconds, or when
     `abandon_when()` returns a reason and CRIU has not ended
@@ -160,6 +162,7 @@ async def run_criu(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         close_fds=True,
+        env=None if env is None else {**os.environ, **env},
     )
     communication = asyncio.ensure_future(process.communicate())
     abandoned = await _watch_criu(communication, timeout, abandon_when)

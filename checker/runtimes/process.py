@@ -29,10 +29,11 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from checker.errors import CheckerError, ErrorCode
-from checker.runtimes import procfs
+from checker.runtimes import procfs, worksnapshot
 from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime, read_exit_status
 from checker.runtimes.criu import DEFAULT_TIMEOUT_SECONDS, Criu, run_criu
 from checker.runtimes.procfs import ProcessIdentity
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 PIDINIT = Path(__file__).with_name("pidinit.py")
 START_TIMEOUT_SECONDS = 10.0
 
+SNAPSHOT_SCRIPT = Path(worksnapshot.__file__).with_suffix(".sh")
+"""CRIU's action script: archives the work directory while the job is frozen (see worksnapshot.py)."""
 LAUNCHER_LOG = "launcher.log"
 JOB_MOUNT = Path("/run/checker/job")
 """Path of each job's own directory inside its mount namespace; an empty directory on the host."""
@@ -151,16 +154,28 @@ class ProcessRuntime(Runtime):
         if command is None or spec.files.exit_status_path.exists():
             raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: the job's command has already exited")
 
-        arguments = ["dump", "--tree", str(process.pid), "--images-dir", str(image_dir), *DUMP_OPTIONS]
+        arguments = ["dump", "--tree", str(process.pid), "--images-dir", str(image_dir), *DUMP_OPTIONS, "--action-script", str(SNAPSHOT_SCRIPT)]
         if leave_running:
             arguments.append("--leave-running")
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        snapshot_env = {
+            "CHECKER_PYTHON": sys.executable,
+            worksnapshot.ENV_WORK_DIR: str(spec.files.work_dir),
+            worksnapshot.ENV_SNAPSHOT: str(image_dir / worksnapshot.SNAPSHOT_NAME),
+        }
 
         def init_exiting() -> str | None:
             return "the job's process died during the dump" if procfs.is_exiting(process) else None
 
         await run_criu(
-            self.criu, arguments, log_path, ErrorCode.CHECKPOINT_FAILED, context, timeout=self.criu_timeout_seconds, abandon_when=init_exiting
+            self.criu,
+            arguments,
+            log_path,
+            ErrorCode.CHECKPOINT_FAILED,
+            context,
+            timeout=self.criu_timeout_seconds,
+            abandon_when=init_exiting,
+            env=snapshot_env,
         )
 
         # A command that died while CRIU was dumping leaves an image of the init
@@ -176,6 +191,12 @@ class ProcessRuntime(Runtime):
         return min(alive, key=lambda child: child.start_time) if alive else None
 
     async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str, leave_stopped: bool = False) -> ProcessIdentity:
+        snapshot = image_dir / worksnapshot.SNAPSHOT_NAME
+        if snapshot.exists():
+            try:
+                await asyncio.to_thread(worksnapshot.restore_snapshot, snapshot, spec.files.work_dir)
+            except (OSError, tarfile.TarError) as error:
+                raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: cannot put back the work directory from {snapshot}: {error}") from error
         spec.files.work_dir.mkdir(parents=True, exist_ok=True)
         spec.files.exit_status_path.unlink(missing_ok=True)
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,14 @@ def split_definition_reference(reference: str, version: int | None) -> tuple[str
 
 
 def prepare_fork_files(source: JobFiles, fork: JobFiles, log_sizes: dict[str, int]) -> None:
-    """Give a fork its own logs, cut to their length at the checkpoint, and a copy of the source's work directory."""
+    """Give a fork its own logs, cut to their length at the checkpoint, and an empty work directory.
+
+    The restore fills the work directory from the archive in the checkpoint's image.
+    """
     fork.job_dir.mkdir(parents=True)
     for name, source_log, fork_log in (("stdout", source.stdout_path, fork.stdout_path), ("stderr", source.stderr_path, fork.stderr_path)):
         copy_prefix(source_log, fork_log, log_sizes.get(name, 0))
-    # NOTE: the work directory is copied as it is now, not as it was at the
-    # checkpoint, because checkpoints do not capture it yet.
-    if source.work_dir.is_dir():
-        shutil.copytree(source.work_dir, fork.work_dir, symlinks=True)
-    else:
-        fork.work_dir.mkdir()
+    fork.work_dir.mkdir()
 
 
 def copy_prefix(source: Path, target: Path, size: int) -> None:
@@ -218,8 +215,8 @@ class JobManager:
         """Create a job restored from checkpoint `number` (default: the newest valid one) of another job.
 
         The fork gets its own id, token, PID namespace and files: logs cut to
-        their length at the checkpoint and a copy of the source's work
-        directory as it is now. The source job is not touched.
+        their length at the checkpoint, and the work directory as it was at
+        the checkpoint. The source job is not touched.
         """
         source = self.get_job(source_id)
         checkpoint = self._checkpoint_to_fork(source, number)
