@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from checker.cli.client import CallerClient
 from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.criu import find_criu
 from checker.runtimes.process import ProcessRuntime
@@ -198,3 +199,56 @@ def test_cli_run_reuses_unchanged_definition(server, client) -> None:
     versions = [d["version"] for d in client.request("GET", "/v1/job-definitions", params={"name": "count"}).json()["items"]]
     assert versions == [1]
     assert len(client.list_jobs()["items"]) == 2
+
+
+def test_cli_creates_definition_and_spawns_version(server, tmp_path: Path) -> None:
+    script = tmp_path / "echo_params.py"
+    script.write_text("import checker\nchecker.exit({'params': checker.params(), 'version': 2})\n")
+    first = tmp_path / "first.py"
+    first.write_text("import checker\nchecker.exit({'version': 1})\n")
+
+    def cli(*arguments: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "CHECKER_SERVER_URL": server.url}
+        return subprocess.run([sys.executable, "-m", "checker", *arguments], capture_output=True, text=True, timeout=60, env=env)
+
+    created = cli("definitions", "create", "echo", "--metadata", "team=data", "--", sys.executable, str(first))
+    assert created.returncode == 0, created.stderr
+    assert "definition echo version 1 created" in created.stdout
+    created = cli("definitions", "create", "echo", "--", sys.executable, str(script))
+    assert "definition echo version 2 created" in created.stdout
+
+    listed = cli("definitions", "list", "echo")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [["echo", "1"], ["echo", "2"]]
+
+    spawned = cli("jobs", "spawn", "echo@1")
+    assert spawned.returncode == 0, spawned.stderr
+    assert "spawned from echo version 1" in spawned.stdout
+    spawned_latest = cli("jobs", "spawn", "echo@latest", "--param", "size=3", "--metadata", "run=a")
+    assert "spawned from echo version 2" in spawned_latest.stdout
+
+    with CallerClient(server.url) as client:
+        first_job = client.result(spawned.stdout.split()[1], wait=60)
+        latest_job = client.result(spawned_latest.stdout.split()[1], wait=60)
+    assert first_job["output"] == {"version": 1}
+    assert latest_job["output"] == {"params": {"size": 3}, "version": 2}
+
+
+def test_cli_definition_and_spawn_errors(server) -> None:
+    def cli(*arguments: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "CHECKER_SERVER_URL": server.url}
+        return subprocess.run([sys.executable, "-m", "checker", *arguments], capture_output=True, text=True, timeout=60, env=env)
+
+    no_command = cli("definitions", "create", "empty")
+    assert no_command.returncode != 0
+    assert "give the job's command after '--'" in no_command.stderr
+
+    unknown = cli("jobs", "spawn", "nothing@4")
+    assert unknown.returncode != 0
+    assert "version 4 of job definition 'nothing' not found" in unknown.stderr
+
+    bad_param = cli("jobs", "spawn", "nothing", "--metadata", "novalue")
+    assert bad_param.returncode != 0
+    assert "--metadata 'novalue' is invalid; write NAME=VALUE" in bad_param.stderr
+    for result in (no_command, unknown, bad_param):
+        assert "Traceback" not in result.stderr

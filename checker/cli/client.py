@@ -80,6 +80,10 @@ class CallerClient:
             body["execution_timeout_seconds"] = execution_timeout_seconds
         return self.request("POST", "/v1/job-definitions", json=body).json()
 
+    def list_definitions(self, name: str | None = None) -> list[dict]:
+        params = {"name": name} if name else {}
+        return self.request("GET", "/v1/job-definitions", params=params).json()["items"]
+
     def spawn(self, definition: str, params: dict | None = None, env: dict | None = None, version: int | None = None, idempotency_key: str | None = None, metadata: dict | None = None) -> dict:
         body: dict[str, Any] = {"definition": definition, "params": params or {}, "env": env or {}, "metadata": metadata or {}}
         if version is not None:

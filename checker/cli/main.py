@@ -354,6 +354,41 @@ def command_signal(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_definitions_create(args: argparse.Namespace) -> int:
+    command = args.command_after_separator
+    if not command:
+        raise CLIError("give the job's command after '--', e.g. checker definitions create NAME -- python3 /srv/job.py")
+    metadata = parse_assignments(args.metadata, "--metadata")
+    env = parse_assignments(args.env, "--env")
+    with connect(args) as client:
+        definition = client.create_definition(args.name, command, env=env, metadata=metadata, execution_timeout_seconds=args.execution_timeout)
+    print(f"definition {definition['name']} version {definition['version']} created; spawn it with 'checker jobs spawn {definition['name']}@{definition['version']}'")
+    return 0
+
+
+def command_definitions_list(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        definitions = client.list_definitions(args.name)
+    if not definitions:
+        print("no job definitions" + (f" named {args.name!r}" if args.name else ""))
+        return 0
+    print(f"{'NAME':<32} {'VERSION':>7}  {'RUNTIME':<8} COMMAND")
+    for definition in definitions:
+        runtime = definition["runtime"]
+        print(f"{definition['name']:<32} {definition['version']:>7}  {runtime.get('type', ''):<8} {' '.join(runtime.get('command', []))}")
+    return 0
+
+
+def command_jobs_spawn(args: argparse.Namespace) -> int:
+    params = parse_params(args.param, args.params_json)
+    env = parse_assignments(args.env, "--env")
+    metadata = parse_assignments(args.metadata, "--metadata")
+    with connect(args) as client:
+        job = client.spawn(args.definition, params=params, env=env, metadata=metadata, idempotency_key=args.idempotency_key)
+    print(f"job {job['id']} spawned from {job['definition']} version {job['version']}; follow it with 'checker logs {job['id']} --follow'")
+    return 0
+
+
 def command_doctor(args: argparse.Namespace) -> int:
     from checker.cli.doctor import run_doctor
 
@@ -408,7 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(run)
     run.set_defaults(handler=command_run)
 
-    jobs = commands.add_parser("jobs", help="List, show, kill, checkpoint and resume jobs.")
+    definitions = commands.add_parser("definitions", help="Create and list job definitions.")
+    definitions_commands = definitions.add_subparsers(dest="definitions_command", required=True)
+    definitions_create = definitions_commands.add_parser(
+        "create", help="Create the next version of a job definition.", usage="checker definitions create NAME [options] -- COMMAND [ARGUMENT ...]"
+    )
+    definitions_create.add_argument("name", help="Definition name; each create adds a version.")
+    definitions_create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="Environment variable of every job of this version.")
+    definitions_create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Metadata of the definition; repeat for several.")
+    definitions_create.add_argument("--execution-timeout", type=float, help="Seconds a job may run, suspended time included, before it fails.")
+    add_client_options(definitions_create)
+    definitions_create.set_defaults(handler=command_definitions_create)
+    definitions_list = definitions_commands.add_parser("list", help="List job definitions and their versions.")
+    definitions_list.add_argument("name", nargs="?", help="Only versions of this definition.")
+    add_client_options(definitions_list)
+    definitions_list.set_defaults(handler=command_definitions_list)
+
+    jobs = commands.add_parser("jobs", help="Spawn, list, show, kill, checkpoint, fork and resume jobs.")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     jobs_list = jobs_commands.add_parser("list", help="List jobs, oldest first.")
     jobs_list.add_argument(
@@ -422,6 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_list.add_argument("--limit", type=int, default=100, help="Maximum number of jobs to list (default 100).")
     add_client_options(jobs_list)
     jobs_list.set_defaults(handler=command_jobs_list)
+    jobs_spawn = jobs_commands.add_parser("spawn", help="Start a job from a definition: NAME, NAME@VERSION or NAME@latest.")
+    jobs_spawn.add_argument("definition", help="Definition to run, e.g. etl, etl@3 or etl@latest.")
+    jobs_spawn.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="Job parameter; VALUE is parsed as JSON when it can be.")
+    jobs_spawn.add_argument("--params-json", help="All job parameters as one JSON object.")
+    jobs_spawn.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="Extra environment variable for the job.")
+    jobs_spawn.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Metadata of the job; repeat for several.")
+    jobs_spawn.add_argument("--idempotency-key", help="A repeated spawn with the same key returns the first job instead of a new one.")
+    add_client_options(jobs_spawn)
+    jobs_spawn.set_defaults(handler=command_jobs_spawn)
     jobs_show = jobs_commands.add_parser("show", help="Show a job with its checkpoints and events.")
     jobs_show.add_argument("job")
     add_client_options(jobs_show)
@@ -467,7 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # Everything after '--' is a job's command (definitions create), never Checker's options.
+    command_after_separator: list[str] = []
+    if "--" in arguments:
+        separator = arguments.index("--")
+        arguments, command_after_separator = arguments[:separator], arguments[separator + 1 :]
+    args = build_parser().parse_args(arguments)
+    if command_after_separator and args.command != "definitions":
+        build_parser().error(f"'--' and a command after it are only for 'checker definitions create'; got {' '.join(command_after_separator)!r}")
+    args.command_after_separator = command_after_separator
     default_level = "WARNING" if args.command == "run" else "INFO"
     configure_logging(args.log_level or default_level)
     from checker.runtimes.criu import CriuNotFoundError
