@@ -155,6 +155,31 @@ def test_receive_signal_polls_without_suspending(client, job_script) -> None:
     assert client.get_job(job["id"])["restore_count"] == 0
 
 
+def test_wait_with_zero_timeout_polls(client, job_script) -> None:
+    source = """
+        import time
+        import checker
+
+        before = checker.wait_for_signal("go", timeout=0)
+        print("polled", flush=True)
+        deadline = time.time() + 30
+        after = checker.wait_for_signal("go", timeout="0s")
+        while not after.received and time.time() < deadline:
+            time.sleep(0.05)
+            after = checker.wait_for_signal("go", timeout=0)
+        checker.exit({"before": [before.received, before.timed_out], "after": [after.received, after.payload]})
+    """
+    job = spawn_script(client, job_script("zero-timeout", source))
+    wait_until(lambda: "polled" in client.logs(job["id"])["data"], 30, "the job's first poll")
+    client.send_signal(job["id"], "go", {"n": 1})
+
+    output = client.result(job["id"], wait=30)["output"]
+    assert output == {"before": [False, True], "after": [True, {"n": 1}]}
+    job = client.get_job(job["id"])
+    assert job["checkpoint_count"] == 0
+    assert job["restore_count"] == 0
+
+
 def test_signal_without_payload_is_null(client, job_script) -> None:
     job = spawn_script(client, job_script("waiter", WAITER))
     wait_for_state(client, job["id"], ("suspended",), timeout=30)

@@ -158,11 +158,15 @@ def wait_for_signal(name: str, timeout: float | str | None = None) -> SignalResu
     """Wait for the next signal `name`, suspended to disk; give up after `timeout` (seconds or "6h").
 
     A signal sent before the call is kept and returned at once. Each signal is
-    delivered to exactly one call. Outside Checker no signal can arrive: the
-    call sleeps for `timeout` and returns a timed-out result, or raises
-    RuntimeAPIError without a timeout.
+    delivered to exactly one call. A timeout of 0 only polls: the job is not
+    suspended, and the result is timed out when no signal is waiting. Outside
+    Checker no signal can arrive: the call sleeps for `timeout` and returns a
+    timed-out result, or raises RuntimeAPIError without a timeout.
     """
     timeout_seconds = None if timeout is None else parse_duration(timeout)
+    if timeout_seconds == 0:
+        received = receive_signal(name)
+        return received if received is not None else SignalResult(name=name, received=False, timed_out=True)
     _refuse_checkpoint_under_lock()
     client = _runtime_client()
     if client is None:
