@@ -112,12 +112,16 @@ def test_doctor_passes_here() -> None:
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "[ok  ] self-test" in completed.stdout
     assert "[ok  ] criu check" in completed.stdout
+    assert "[ok  ] runtime process: usable" in completed.stdout
+    assert "[ok  ] runtime sandbox: usable" in completed.stdout
+    assert "[ok  ] limits:" in completed.stdout
 
 
 def test_doctor_fails_without_criu(tmp_path: Path) -> None:
     completed = subprocess.run([sys.executable, "-m", "checker", "doctor", "--criu", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 1
     assert "[FAIL] CRIU" in completed.stdout
+    assert "[info] runtime sandbox: unusable: no usable CRIU" in completed.stdout
     assert "required check(s) failed" in completed.stderr
 
 
