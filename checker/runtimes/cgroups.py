@@ -195,10 +195,12 @@ class JobCgroup:
     def create(self, limits: Limits) -> None:
         """Create the cgroup afresh, empty and with zeroed counters, and apply `limits`.
 
-        Raises OSError when a cgroup file cannot be written, and RuntimeError
-        when processes of an earlier copy of the job cannot be removed from it.
+        A cgroup that still has processes (another copy of the job restored
+        from the same image) is kept, so they keep running, and only gets
+        `limits` again. Raises OSError when a cgroup file cannot be written.
         """
-        self.remove()
+        if not self.list_processes():
+            self.remove()
         if self.layout.v2_mount is not None and any(self.layout.version_of(c) == 2 for c in CONTROLLERS):
             self._enable_v2_controllers()
         for directory in self.unique_directories():
