@@ -113,12 +113,16 @@ def test_doctor_passes_here() -> None:
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "[ok  ] self-test" in completed.stdout
     assert "[ok  ] criu check" in completed.stdout
+    assert "[ok  ] runtime process: usable" in completed.stdout
+    assert "[ok  ] runtime sandbox: usable" in completed.stdout
+    assert "[ok  ] limits:" in completed.stdout
 
 
 def test_doctor_fails_without_criu(tmp_path: Path) -> None:
     completed = subprocess.run([sys.executable, "-m", "checker", "doctor", "--criu", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 1
     assert "[FAIL] CRIU" in completed.stdout
+    assert "[info] runtime sandbox: unusable: no usable CRIU" in completed.stdout
     assert "required check(s) failed" in completed.stderr
 
 
@@ -252,3 +256,27 @@ def test_cli_definition_and_spawn_errors(server) -> None:
     assert "--metadata 'novalue' is invalid; write NAME=VALUE" in bad_param.stderr
     for result in (no_command, unknown, bad_param):
         assert "Traceback" not in result.stderr
+
+
+def test_cli_creates_sandbox_definition_with_limits(server, tmp_path: Path) -> None:
+    script = tmp_path / "limited.py"
+    script.write_text("import checker\nchecker.exit({'ok': True})\n")
+    env = {**os.environ, "CHECKER_SERVER_URL": server.url}
+    arguments = ["definitions", "create", "boxed", "--runtime", "sandbox", "--read-only-bind", f"{tmp_path}:/job", "--memory-mib", "256", "--pids", "32"]
+    created = subprocess.run([sys.executable, "-m", "checker", *arguments, "--", "/usr/bin/python3", "/job/limited.py"], capture_output=True, text=True, timeout=60, env=env)
+    assert created.returncode == 0, created.stderr
+
+    with CallerClient(server.url) as client:
+        definition = client.request("GET", "/v1/job-definitions/boxed").json()
+        assert definition["runtime"]["type"] == "sandbox"
+        assert definition["runtime"]["read_only_binds"] == [f"{tmp_path}:/job"]
+        assert definition["limits"] == {"memory_mib": 256, "pids": 32}
+        job = client.spawn("boxed")
+        assert client.result(job["id"], wait=60)["output"] == {"ok": True}
+
+    rejected = subprocess.run(
+        [sys.executable, "-m", "checker", "definitions", "create", "bad", "--memory-mib", "1", "--", "python3", "x.py"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert rejected.returncode != 0
+    assert "memory_mib" in rejected.stderr
+    assert "Traceback" not in rejected.stderr

@@ -72,8 +72,14 @@ class CallerClient:
         metadata: dict | None = None,
         retry_policy: dict | None = None,
         execution_timeout_seconds: float | None = None,
+        runtime: dict | None = None,
+        limits: dict | None = None,
     ) -> dict:
-        body: dict[str, Any] = {"name": name, "runtime": {"type": "process", "command": command, "env": env or {}}, "metadata": metadata or {}}
+        """Create the next version of a definition; `runtime` adds to or replaces the runtime's fields ({"type": "process"} by default)."""
+        runtime_body = {"type": "process", "command": command, "env": env or {}, **(runtime or {})}
+        body: dict[str, Any] = {"name": name, "runtime": runtime_body, "metadata": metadata or {}}
+        if limits is not None:
+            body["limits"] = limits
         if retry_policy is not None:
             body["retry_policy"] = retry_policy
         if execution_timeout_seconds is not None:
@@ -84,8 +90,19 @@ class CallerClient:
         params = {"name": name} if name else {}
         return self.request("GET", "/v1/job-definitions", params=params).json()["items"]
 
-    def spawn(self, definition: str, params: dict | None = None, env: dict | None = None, version: int | None = None, idempotency_key: str | None = None, metadata: dict | None = None) -> dict:
+    def spawn(
+        self,
+        definition: str,
+        params: dict | None = None,
+        env: dict | None = None,
+        version: int | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict | None = None,
+        limits: dict | None = None,
+    ) -> dict:
         body: dict[str, Any] = {"definition": definition, "params": params or {}, "env": env or {}, "metadata": metadata or {}}
+        if limits is not None:
+            body["limits"] = limits
         if version is not None:
             body["version"] = version
         if idempotency_key is not None:
@@ -129,8 +146,11 @@ class CallerClient:
     def checkpoint(self, job_id: str, suspend: bool = False) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/checkpoint", json={"suspend": suspend}, timeout=3600).json()
 
-    def fork(self, job_id: str, checkpoint: int | None = None) -> dict:
-        return self.request("POST", f"/v1/jobs/{job_id}/fork", json={"checkpoint": checkpoint}, timeout=3600).json()
+    def fork(self, job_id: str, checkpoint: int | None = None, limits: dict | None = None) -> dict:
+        body: dict[str, Any] = {"checkpoint": checkpoint}
+        if limits is not None:
+            body["limits"] = limits
+        return self.request("POST", f"/v1/jobs/{job_id}/fork", json=body, timeout=3600).json()
 
     def resume(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/resume").json()

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from checker.runtimes import sandbox
 from checker.runtimes.base import JobFiles, LaunchSpec
+from checker.runtimes.cgroups import detect_layout
 from checker.runtimes.criu import Criu, CriuNotFoundError, find_criu
 from checker.runtimes.process import ProcessRuntime
 from checker.runtimes.procfs import become_child_subreaper
@@ -114,6 +116,38 @@ def check_bubblewrap() -> CheckResult:
     return CheckResult("bubblewrap", completed.returncode == 0, f"{path} ({completed.stdout.strip() or completed.stderr.strip()})")
 
 
+def check_runtimes(criu_usable: bool, root: bool, bubblewrap: bool) -> list[CheckResult]:
+    """Report, for each runtime type, whether jobs of that type can run here and what is missing when not."""
+    shared: list[str] = []
+    if not root:
+        shared.append("the server must run as root")
+    if not criu_usable:
+        shared.append("no usable CRIU")
+    if not bubblewrap:
+        shared.append("bwrap is missing")
+
+    results = [runtime_result("process", shared)]
+    sandbox_missing = list(shared)
+    if not sandbox.PYTHON.exists():
+        sandbox_missing.append(f"{sandbox.PYTHON} is missing (the sandbox's init runs with the host's Python)")
+    if shutil.which("mount") is None:
+        sandbox_missing.append("the mount command is missing (restores mount a tmpfs root)")
+    results.append(runtime_result("sandbox", sandbox_missing))
+
+    layout = detect_layout()
+    missing_controllers = layout.missing(["memory", "cpu", "pids"])
+    detail = layout.describe() if not missing_controllers else f"{layout.describe()}; limits that need them are rejected"
+    results.append(CheckResult("limits", not missing_controllers, detail, required=False))
+    results.append(CheckResult("runtime container", False, "not built: this release has no OCI (runc) runtime", required=False))
+    return results
+
+
+def runtime_result(name: str, missing: list[str]) -> CheckResult:
+    if missing:
+        return CheckResult(f"runtime {name}", False, "unusable: " + "; ".join(missing), required=False)
+    return CheckResult(f"runtime {name}", True, "usable")
+
+
 async def self_test(criu: Criu) -> CheckResult:
     """Dump, SIGKILL and restore a job that holds a TCP connection."""
     become_child_subreaper()  # The restored copy is re-parented to us, so we can reap it.
@@ -183,6 +217,8 @@ def run_doctor(configured_criu: str | None = None) -> int:
     results.append(bubblewrap)
     if criu is not None and results[0].ok and bubblewrap.ok:
         results.append(asyncio.run(self_test(criu)))
+    criu_usable = criu is not None and all(r.ok for r in results if r.name in ("criu check", "self-test"))
+    results.extend(check_runtimes(criu_usable, results[0].ok, bubblewrap.ok))
 
     for result in results:
         if result.ok:

@@ -360,8 +360,16 @@ def command_definitions_create(args: argparse.Namespace) -> int:
         raise CLIError("give the job's command after '--', e.g. checker definitions create NAME -- python3 /srv/job.py")
     metadata = parse_assignments(args.metadata, "--metadata")
     env = parse_assignments(args.env, "--env")
+    runtime: dict[str, Any] = {"type": args.runtime}
+    if args.read_only_bind:
+        runtime["read_only_binds"] = args.read_only_bind
+    if args.user_namespace:
+        runtime["user_namespace"] = True
+    limits = {name: value for name, value in (("memory_mib", args.memory_mib), ("cpu_cores", args.cpu_cores), ("pids", args.pids)) if value is not None}
     with connect(args) as client:
-        definition = client.create_definition(args.name, command, env=env, metadata=metadata, execution_timeout_seconds=args.execution_timeout)
+        definition = client.create_definition(
+            args.name, command, env=env, metadata=metadata, execution_timeout_seconds=args.execution_timeout, runtime=runtime, limits=limits or None
+        )
     print(f"definition {definition['name']} version {definition['version']} created; spawn it with 'checker jobs spawn {definition['name']}@{definition['version']}'")
     return 0
 
@@ -452,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     definitions_create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="Environment variable of every job of this version.")
     definitions_create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Metadata of the definition; repeat for several.")
     definitions_create.add_argument("--execution-timeout", type=float, help="Seconds a job may run, suspended time included, before it fails.")
+    definitions_create.add_argument("--runtime", choices=["process", "sandbox"], default="process", help="Runtime of the jobs (default process).")
+    definitions_create.add_argument(
+        "--read-only-bind", action="append", default=[], metavar="HOST_PATH[:SANDBOX_PATH]", help="sandbox only: a host path the job may read; repeat for several."
+    )
+    definitions_create.add_argument("--user-namespace", action="store_true", help="sandbox only: run the job in its own user namespace.")
+    definitions_create.add_argument("--memory-mib", type=int, help="Memory limit (RAM and swap) of each job, in MiB.")
+    definitions_create.add_argument("--cpu-cores", type=float, help="CPU quota of each job, in cores (e.g. 0.5).")
+    definitions_create.add_argument("--pids", type=int, help="Maximum number of processes and threads of each job.")
     add_client_options(definitions_create)
     definitions_create.set_defaults(handler=command_definitions_create)
     definitions_list = definitions_commands.add_parser("list", help="List job definitions and their versions.")

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checker.runtimes.cgroups import Limits
 from checker.runtimes.procfs import ProcessIdentity
 
 
@@ -64,6 +65,8 @@ class LaunchSpec:
     files: JobFiles
     config: dict = field(default_factory=dict)
     """The runtime's own configuration from the job definition."""
+    limits: Limits = field(default_factory=Limits)
+    """Resource limits of the job: its definition's, with the spawn's overrides applied."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class ExitStatus:
 
     reported: bool
     """True when the job's init recorded the status; False when the init itself died (a crash)."""
+
+    out_of_memory: bool = False
+    """True when the kernel's OOM killer ended the job's command or its init at its memory limit."""
 
     @property
     def crashed(self) -> bool:
@@ -154,3 +160,6 @@ class Runtime(ABC):
 
     def validate_config(self, config: dict) -> None:
         """Raise ValueError with a message naming the field when `config` is invalid."""
+
+    def validate_limits(self, limits: Limits) -> None:
+        """Raise ValueError when this runtime cannot enforce `limits` on this machine."""

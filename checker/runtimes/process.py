@@ -24,7 +24,9 @@ restored init is re-parented to the nearest child subreaper, which is the server
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -35,6 +37,7 @@ from pathlib import Path
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import procfs, worksnapshot
 from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime, read_exit_status
+from checker.runtimes.cgroups import MIB, CgroupLayout, JobCgroup, Limits, detect_layout, image_memory_bytes
 from checker.runtimes.criu import DEFAULT_TIMEOUT_SECONDS, Criu, run_criu
 from checker.runtimes.procfs import ProcessIdentity
 from checker.sdk.client import ENV_IDENTITY_FILE
@@ -63,7 +66,7 @@ INSIDE = JobFiles.under(JOB_MOUNT)
 #                 mounts the same host paths again, except the job directory,
 #                 which each restore maps through JOB_MOUNT_KEY.
 DUMP_OPTIONS = ["--tcp-close", "--link-remap", "--external", "mnt[]", "--external", f"mnt[{JOB_MOUNT}]:{JOB_MOUNT_KEY}"]
-RESTORE_OPTIONS = ["--tcp-close", "--restore-detached", "--root", "/", "--external", "mnt[]"]
+RESTORE_OPTIONS = ["--tcp-close", "--restore-detached", "--external", "mnt[]"]
 
 
 def launch_command(job_dir: Path, command: list[str]) -> list[str]:
@@ -78,9 +81,22 @@ def launch_command(job_dir: Path, command: list[str]) -> list[str]:
     ]
 
 
-def restore_options(job_dir: Path) -> list[str]:
-    """Return the options of a `criu restore` that mounts `job_dir` as the restored job's directory."""
-    return [*RESTORE_OPTIONS, "--external", f"mnt[{JOB_MOUNT_KEY}]:{job_dir}"]
+def restore_options(job_dir: Path, root: Path = Path("/")) -> list[str]:
+    """Return the options of a `criu restore` that mounts `job_dir` as the restored job's directory.
+
+    `root` becomes the restored job's root directory.
+    """
+    return [*RESTORE_OPTIONS, "--root", str(root), "--external", f"mnt[{JOB_MOUNT_KEY}]:{job_dir}"]
+
+
+# Joins the cgroups whose cgroup.procs files come before "--", then runs the
+# command after it, so bwrap and everything it starts begin inside the cgroups.
+JOIN_CGROUPS_SCRIPT = 'while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+def join_cgroups_command(procs_files: list[Path], command: list[str]) -> list[str]:
+    """Return `command` prefixed with a shell that first moves itself into the given cgroups."""
+    return ["/bin/sh", "-c", JOIN_CGROUPS_SCRIPT, "sh", *(str(path) for path in procs_files), "--", *command]
 
 
 class ProcessRuntime(Runtime):
@@ -88,12 +104,18 @@ class ProcessRuntime(Runtime):
 
     type_name = "process"
 
-    def __init__(self, criu: Criu, criu_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    def __init__(self, criu: Criu, criu_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, cgroup_layout: CgroupLayout | None = None) -> None:
         self.criu = criu
         self.criu_timeout_seconds = criu_timeout_seconds
+        self.cgroup_layout = cgroup_layout if cgroup_layout is not None else detect_layout()
         self._launchers: dict[int, subprocess.Popen] = {}
 
+    allowed_config_keys = frozenset({"command", "env"})
+
     def validate_config(self, config: dict) -> None:
+        unknown = sorted(set(config) - self.allowed_config_keys)
+        if unknown:
+            raise ValueError(f"runtime.{unknown[0]} is not an option of the {self.type_name} runtime; its options are {', '.join(sorted(self.allowed_config_keys))}")
         command = config.get("command")
         if not isinstance(command, list) or not command or not all(isinstance(part, str) and part for part in command):
             raise ValueError("runtime.command must be a non-empty list of non-empty strings, e.g. [\"python3\", \"job.py\"]")
@@ -101,18 +123,50 @@ class ProcessRuntime(Runtime):
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ValueError("runtime.env must be an object of string values")
 
+    def validate_limits(self, limits: Limits) -> None:
+        """Raise ValueError when this machine has no cgroup controller for a limit in `limits`."""
+        missing = self.cgroup_layout.missing(limits.requested_controllers())
+        if missing:
+            raise ValueError(
+                f"limits need the cgroup controller(s) {', '.join(missing)}, which this machine does not provide "
+                f"(cgroup layout: {self.cgroup_layout.describe()}); remove those limits or enable the controllers"
+            )
+
+    def job_cgroup(self, spec: LaunchSpec) -> JobCgroup:
+        return JobCgroup(self.cgroup_layout, spec.job_id)
+
+    def launch_command(self, spec: LaunchSpec) -> list[str]:
+        """Return the command that starts the job's namespace init and, under it, the job's command."""
+        return launch_command(spec.files.job_dir, spec.command)
+
+    def launch_env(self, spec: LaunchSpec) -> dict[str, str]:
+        return {**spec.env, ENV_IDENTITY_FILE: str(INSIDE.identity_path)}
+
+    def prepare_restore_root(self, spec: LaunchSpec) -> Path:
+        """Return the directory that becomes the restored job's root; the host's root here."""
+        return Path("/")
+
+    async def _create_cgroup(self, spec: LaunchSpec, code: ErrorCode, context: str) -> JobCgroup:
+        cgroup = self.job_cgroup(spec)
+        try:
+            await asyncio.to_thread(cgroup.create, spec.limits)
+        except (OSError, RuntimeError) as error:
+            raise CheckerError(code, f"{context} failed: cannot set up the job's cgroup with limits {spec.limits.to_json() or 'none'}: {error}") from error
+        return cgroup
+
     async def start(self, spec: LaunchSpec) -> ProcessIdentity:
         files = spec.files
         files.work_dir.mkdir(parents=True, exist_ok=True)
         files.exit_status_path.unlink(missing_ok=True)
 
         JOB_MOUNT.mkdir(parents=True, exist_ok=True)
-        command = launch_command(files.job_dir, spec.command)
+        cgroup = await self._create_cgroup(spec, ErrorCode.START_FAILED, f"start of job {spec.job_id}")
+        command = join_cgroups_command(cgroup.procs_files(), self.launch_command(spec))
         try:
             with open(files.job_dir / LAUNCHER_LOG, "wb") as launcher_log:
                 launcher = subprocess.Popen(
                     command,
-                    env={**spec.env, ENV_IDENTITY_FILE: str(INSIDE.identity_path)},
+                    env=self.launch_env(spec),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=launcher_log,
@@ -191,6 +245,7 @@ class ProcessRuntime(Runtime):
         return min(alive, key=lambda child: child.start_time) if alive else None
 
     async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str, leave_stopped: bool = False) -> ProcessIdentity:
+        check_image_fits(spec, image_dir, context)
         snapshot = image_dir / worksnapshot.SNAPSHOT_NAME
         if snapshot.exists():
             try:
@@ -204,7 +259,11 @@ class ProcessRuntime(Runtime):
         pid_file = spec.files.job_dir / "restored.pid"
         pid_file.unlink(missing_ok=True)
         JOB_MOUNT.mkdir(parents=True, exist_ok=True)
-        arguments = ["restore", "--images-dir", str(image_dir), *restore_options(spec.files.job_dir), "--pidfile", str(pid_file)]
+        cgroup = await self._create_cgroup(spec, ErrorCode.RESTORE_FAILED, context)
+        root = await asyncio.to_thread(self.prepare_restore_root, spec)
+        arguments = [
+            "restore", "--images-dir", str(image_dir), *restore_options(spec.files.job_dir, root), *cgroup.criu_restore_options(), "--pidfile", str(pid_file)
+        ]
         if leave_stopped:
             arguments.append("--leave-stopped")
         await run_criu(self.criu, arguments, log_path, ErrorCode.RESTORE_FAILED, context, timeout=self.criu_timeout_seconds)
@@ -263,10 +322,36 @@ class ProcessRuntime(Runtime):
             # The unshare launcher exits right after the init; reap it.
             await asyncio.to_thread(launcher.wait)
 
-        return read_exit_status(spec.files, wait_status)
+        status = read_exit_status(spec.files, wait_status)
+        killed_by_kernel = status.signal == signal.SIGKILL or not status.reported
+        if killed_by_kernel and self.job_cgroup(spec).out_of_memory_kills() > 0:
+            status = dataclasses.replace(status, out_of_memory=True)
+        return status
 
     async def cleanup(self, spec: LaunchSpec) -> None:
         (spec.files.job_dir / "restored.pid").unlink(missing_ok=True)
+        try:
+            await asyncio.to_thread(self.job_cgroup(spec).remove)
+        except (OSError, RuntimeError) as error:
+            logger.error("job %s: cannot remove its cgroup: %s", spec.job_id, error)
+
+
+def check_image_fits(spec: LaunchSpec, image_dir: Path, context: str) -> None:
+    """Reject a restore whose image has more memory pages than the job's memory limit.
+
+    Without this check CRIU would start the restore and the kernel would kill
+    it half-way with the OOM killer, which reads as a crash.
+    """
+    limit = spec.limits.memory_bytes
+    if limit is None:
+        return
+    pages = image_memory_bytes(image_dir)
+    if pages > limit:
+        raise CheckerError(
+            ErrorCode.RESTORE_FAILED,
+            f"{context} rejected: the image holds {pages / MIB:.1f} MiB of memory pages, more than the job's memory limit of "
+            f"{limit / MIB:.1f} MiB; raise limits.memory_mib above {math.ceil(pages / MIB)}",
+        )
 
 
 def mounts_job_dir(pid: int, job_dir: Path) -> bool:

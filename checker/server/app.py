@@ -36,6 +36,7 @@ def definition_out(record: DefinitionRecord) -> models.DefinitionOut:
         created_at=models.iso_time(record.created_at),
         retry_policy=record.retry_policy,
         execution_timeout_seconds=record.execution_timeout_seconds,
+        limits=record.limits,
     )
 
 
@@ -68,6 +69,7 @@ def job_out(job: JobRecord) -> models.JobOut:
         next_attempt_at=models.iso_time(job.next_attempt_at),
         attempt_errors=job.attempt_errors or [],
         execution_timeout_seconds=job.execution_timeout_seconds,
+        limits=job.limits,
     )
 
 
@@ -193,9 +195,11 @@ def build_caller_router() -> APIRouter:
 
     @router.post("/job-definitions", status_code=201, response_model=models.DefinitionOut)
     async def create_definition(body: models.DefinitionCreate, manager: Manager) -> models.DefinitionOut:
-        config = body.runtime.model_dump(exclude={"type"})
+        config = body.runtime.model_dump(exclude={"type"}, exclude_none=True)
         retry_policy = body.retry_policy.model_dump() if body.retry_policy is not None else None
-        record = manager.state.create_definition(body.name, body.runtime.type, config, body.metadata, retry_policy, body.execution_timeout_seconds)
+        limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None
+        manager.validate_definition(body.runtime.type, config, limits)
+        record = manager.state.create_definition(body.name, body.runtime.type, config, body.metadata, retry_policy, body.execution_timeout_seconds, limits)
         logger.info("job definition %s version %d created", record.name, record.version)
         return definition_out(record)
 
@@ -220,7 +224,8 @@ def build_caller_router() -> APIRouter:
 
     @router.post("/jobs", status_code=201, response_model=models.JobOut, responses={200: {"model": models.JobOut, "description": "Existing job with this idempotency key"}})
     async def spawn_job(body: models.JobSpawn, manager: Manager, response: Response) -> models.JobOut:
-        job, created = manager.spawn(body.definition, body.version, body.params, body.env, body.metadata, body.idempotency_key)
+        limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None
+        job, created = manager.spawn(body.definition, body.version, body.params, body.env, body.metadata, body.idempotency_key, limits)
         if not created:
             response.status_code = 200
         return job_out(job)
@@ -297,7 +302,8 @@ def build_caller_router() -> APIRouter:
 
     @router.post("/jobs/{job_id}/fork", response_model=models.JobOut, status_code=201)
     async def fork_job(job_id: str, manager: Manager, body: models.ForkBody | None = None) -> models.JobOut:
-        return job_out(await manager.fork(job_id, body.checkpoint if body is not None else None))
+        limits = body.limits.model_dump(exclude_none=True) if body is not None and body.limits is not None else None
+        return job_out(await manager.fork(job_id, body.checkpoint if body is not None else None, limits))
 
     @router.post("/jobs/{job_id}/resume", response_model=models.JobOut)
     async def resume_job(job_id: str, manager: Manager) -> models.JobOut:

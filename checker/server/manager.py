@@ -14,7 +14,7 @@ from typing import Any
 
 from checker.config import Settings
 from checker.errors import CheckerError, ErrorCode
-from checker.runtimes import Runtime
+from checker.runtimes import Limits, Runtime
 from checker.runtimes.base import JobFiles, write_identity
 from checker.runtimes.procfs import ProcessIdentity, is_alive
 from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token, hash_token
@@ -168,10 +168,40 @@ class JobManager:
         if self.runners.get(runner.job_id) is runner:
             del self.runners[runner.job_id]
 
-    def spawn(self, definition_name: str, version: int | None, params: dict, env: dict, job_metadata: dict, idempotency_key: str | None) -> tuple[JobRecord, bool]:
-        """Create a job and start it; return (job, created). A repeated idempotency key returns the first job."""
+    def validate_definition(self, runtime_type: str, config: dict, limits: dict | None) -> None:
+        """Raise CheckerError (invalid_request) when the runtime rejects `config` or cannot enforce `limits`."""
+        runtime = self.context.runtimes.get(runtime_type)
+        if runtime is None:
+            raise CheckerError(ErrorCode.INVALID_REQUEST, f"runtime.type {runtime_type!r} is not available on this server; use one of {', '.join(sorted(self.context.runtimes))}")
+        try:
+            runtime.validate_config(config)
+            runtime.validate_limits(Limits.from_json(limits))
+        except ValueError as error:
+            raise CheckerError(ErrorCode.INVALID_REQUEST, str(error)) from error
+
+    def _effective_limits(self, runtime_type: str, base: dict | None, overrides: dict | None) -> dict | None:
+        """Merge `overrides` into `base` limits and check that the runtime can enforce the result."""
+        if overrides is None:
+            return base
+        merged = Limits.from_json(base).merged_with(Limits.from_json(overrides))
+        try:
+            self.context.runtimes[runtime_type].validate_limits(merged)
+        except ValueError as error:
+            raise CheckerError(ErrorCode.INVALID_REQUEST, str(error)) from error
+        return merged.to_json()
+
+    def spawn(
+        self, definition_name: str, version: int | None, params: dict, env: dict, job_metadata: dict, idempotency_key: str | None, limits: dict | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Create a job and start it; return (job, created). A repeated idempotency key returns the first job.
+
+        `limits` overrides the definition's resource limits one by one.
+        """
         definition_name, version = split_definition_reference(definition_name, version)
-        digest = request_digest({"definition": definition_name, "version": version, "params": params, "env": env, "metadata": job_metadata})
+        request = {"definition": definition_name, "version": version, "params": params, "env": env, "metadata": job_metadata}
+        if limits is not None:
+            request["limits"] = limits
+        digest = request_digest(request)
         if idempotency_key:
             existing = self.state.find_job_by_idempotency_key(idempotency_key)
             if existing is not None:
@@ -199,6 +229,7 @@ class JobManager:
             "retry_policy": definition.retry_policy,
             "execution_timeout_seconds": definition.execution_timeout_seconds,
             "attempt": 1,
+            "limits": self._effective_limits(definition.runtime_type, definition.limits, limits),
         }
         try:
             job = self.state.insert_job(values, f"job {job_id} created from {definition.name} version {definition.version}")
@@ -211,15 +242,17 @@ class JobManager:
         self._start_runner(job)
         return job, True
 
-    async def fork(self, source_id: str, number: int | None) -> JobRecord:
+    async def fork(self, source_id: str, number: int | None, limits: dict | None = None) -> JobRecord:
         """Create a job restored from checkpoint `number` (default: the newest valid one) of another job.
 
         The fork gets its own id, token, PID namespace and files: logs cut to
         their length at the checkpoint, and the work directory as it was at
-        the checkpoint. The source job is not touched.
+        the checkpoint. The source job is not touched. `limits` overrides the
+        source's resource limits one by one.
         """
         source = self.get_job(source_id)
         checkpoint = self._checkpoint_to_fork(source, number)
+        fork_limits = self._effective_limits(source.runtime_type, source.limits, limits)
         fork_id = secrets.token_hex(8)
         token = secrets.token_urlsafe(32)
         manifest = self.context.checkpoints.read_manifest(source.id, checkpoint.number)
@@ -245,6 +278,7 @@ class JobManager:
             "execution_timeout_seconds": source.execution_timeout_seconds,
             "attempt": 1,
             "started_at": time.time(),
+            "limits": fork_limits,
         }
         copy = dataclasses.replace(checkpoint, job_id=fork_id, location=str(self.context.checkpoints.location(fork_id, checkpoint.number)))
         message = f"job {fork_id} forked from checkpoint {checkpoint.number} of job {source.id}"

@@ -34,9 +34,15 @@ class StrictModel(BaseModel):
 
 
 class RuntimeSpec(StrictModel):
-    type: Literal["process"] = Field(description="Runtime type that runs the job.")
+    type: Literal["process", "sandbox"] = Field(description="Runtime type that runs the job.")
     command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
+    read_only_binds: list[str] | None = Field(
+        default=None, description="sandbox only: host paths mounted read-only, each HOST_PATH or HOST_PATH:SANDBOX_PATH."
+    )
+    user_namespace: bool | None = Field(default=None, strict=True, description="sandbox only: run the job in a new user namespace.")
+    network: str | None = Field(default=None, description="sandbox only: 'host' (the default) shares the host's network.")
+    die_with_parent: bool | None = Field(default=None, strict=True, description="sandbox only: rejected, because a restored job would be killed.")
 
     @field_validator("command")
     @classmethod
@@ -49,6 +55,12 @@ class RuntimeSpec(StrictModel):
     @classmethod
     def env_names_valid(cls, env: dict[str, str]) -> dict[str, str]:
         return validate_env(env)
+
+
+class LimitsModel(StrictModel):
+    memory_mib: int | None = Field(default=None, ge=16, le=16 * 1024 * 1024, strict=True, description="Maximum memory in MiB, swap included.")
+    cpu_cores: float | None = Field(default=None, ge=0.01, le=1024, description="CPU quota in cores, e.g. 0.5 for half of one core.")
+    pids: int | None = Field(default=None, ge=2, le=4_194_304, strict=True, description="Maximum processes and threads, the job's init included.")
 
 
 class RetryPolicyModel(StrictModel):
@@ -66,6 +78,7 @@ class DefinitionCreate(StrictModel):
     execution_timeout_seconds: float | None = Field(
         default=None, gt=0, description="Kill the job this many seconds after its first start, suspended time included."
     )
+    limits: LimitsModel | None = Field(default=None, description="Resource limits of every job of this definition.")
 
 
 class DefinitionOut(BaseModel):
@@ -76,6 +89,7 @@ class DefinitionOut(BaseModel):
     created_at: str | None
     retry_policy: dict[str, Any] | None = None
     execution_timeout_seconds: float | None = None
+    limits: dict[str, Any] | None = None
 
 
 class DefinitionList(BaseModel):
@@ -94,6 +108,7 @@ class JobSpawn(StrictModel):
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, description="Spawning again with the same key returns the first job."
     )
+    limits: LimitsModel | None = Field(default=None, description="Overrides of the definition's resource limits for this job.")
 
     @field_validator("env")
     @classmethod
@@ -129,6 +144,7 @@ class JobOut(BaseModel):
     next_attempt_at: str | None = Field(default=None, description="When a pending_retry job starts its next attempt.")
     attempt_errors: list[dict[str, Any]] = Field(default_factory=list, description="Error of each failed attempt.")
     execution_timeout_seconds: float | None = None
+    limits: dict[str, Any] | None = Field(default=None, description="Resource limits the job runs with.")
 
 
 class JobList(BaseModel):
@@ -276,6 +292,7 @@ class ExternalCheckpointBody(StrictModel):
 
 class ForkBody(StrictModel):
     checkpoint: int | None = Field(default=None, ge=1, strict=True, description="Checkpoint number of the source job; the newest valid one by default.")
+    limits: LimitsModel | None = Field(default=None, description="Overrides of the source job's resource limits for the fork.")
 
 
 class ExternalCheckpointOut(BaseModel):

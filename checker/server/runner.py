@@ -25,6 +25,7 @@ from typing import Any
 from checker.config import Settings
 from checker.errors import CheckerError, CorruptCheckpointError, CriuError, ErrorCode
 from checker.runtimes.base import JobFiles, LaunchSpec, Runtime, write_identity
+from checker.runtimes.cgroups import Limits
 from checker.runtimes.procfs import ProcessIdentity
 from checker.server.commands import (
     RESUMED_BY_CALLER,
@@ -298,7 +299,9 @@ class JobRunner:
 
     def _launch_spec(self, env: dict[str, str] | None = None) -> LaunchSpec:
         config = self.job.runtime_config
-        return LaunchSpec(job_id=self.job_id, command=list(config.get("command", [])), env=env or {}, files=self.files, config=config)
+        return LaunchSpec(
+            job_id=self.job_id, command=list(config.get("command", [])), env=env or {}, files=self.files, config=config, limits=Limits.from_json(self.job.limits)
+        )
 
     def _job_environment(self, token: str) -> dict[str, str]:
         env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
@@ -542,6 +545,17 @@ class JobRunner:
                 self._finish(JobState.COMPLETED)
             else:
                 await self._fail(f"job exited with code {code}", "exit_code", exit_code=code)
+            return
+
+        if status.out_of_memory:
+            limit = Limits.from_json(self.job.limits).memory_mib
+            if limit is None:
+                reason = "job ran out of memory: the kernel's OOM killer ended it because the host ran out of memory"
+            else:
+                reason = f"job ran out of memory: the kernel's OOM killer ended it at its memory limit of {limit} MiB; raise limits.memory_mib"
+            self._event("out_of_memory", f"job {self.job_id}: {reason}", memory_mib=limit)
+            logger.warning("job %s: %s", self.job_id, reason)
+            await self._fail(reason, "out_of_memory")
             return
 
         if status.reported and status.signal is None:

@@ -138,6 +138,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE jobs ADD COLUMN next_attempt_at DOUBLE PRECISION",
         "ALTER TABLE jobs ADD COLUMN attempt_errors TEXT",
     ]),
+    Migration(4, "resource limits", lambda dialect: [
+        "ALTER TABLE job_definitions ADD COLUMN limits TEXT",
+        "ALTER TABLE jobs ADD COLUMN limits TEXT",
+    ]),
 )
 
 

@@ -72,6 +72,7 @@ job_definitions = Table(
     Column("created_at", Float, nullable=False),
     Column("retry_policy", JSONText),
     Column("execution_timeout_seconds", Float),
+    Column("limits", JSONText),
 )
 
 jobs = Table(
@@ -114,6 +115,7 @@ jobs = Table(
     Column("attempt", Integer, nullable=False, default=1),
     Column("next_attempt_at", Float),
     Column("attempt_errors", JSONText),
+    Column("limits", JSONText),
 )
 
 checkpoints = Table(
@@ -198,6 +200,8 @@ class DefinitionRecord:
     """max_attempts, initial_delay_seconds, backoff_multiplier, max_delay_seconds; None means one attempt."""
     execution_timeout_seconds: float | None = None
     """Wall-clock limit from the job's first start, suspended time included; None means no limit."""
+    limits: dict | None = None
+    """Resource limits of its jobs: memory_mib, cpu_cores, pids; None or a missing key means unlimited."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,8 @@ class JobRecord:
     """Unix time of the next attempt while the job is pending_retry."""
     attempt_errors: list | None = None
     """[{"attempt", "error", "error_code", "at"}] of every failed attempt."""
+    limits: dict | None = None
+    """Resource limits of the job: the definition's, with the spawn's (or fork's) overrides applied."""
 
     @property
     def terminal(self) -> bool:
@@ -345,12 +351,13 @@ class StateStore:
         definition_metadata: dict,
         retry_policy: dict | None = None,
         execution_timeout_seconds: float | None = None,
+        limits: dict | None = None,
     ) -> DefinitionRecord:
         """Insert the next version of definition `name` (1 for a new name)."""
         with self.engine.begin() as connection:
             latest = connection.execute(select(func.max(job_definitions.c.version)).where(job_definitions.c.name == name)).scalar()
             record = DefinitionRecord(
-                name, (latest or 0) + 1, runtime_type, runtime_config, definition_metadata, time.time(), retry_policy, execution_timeout_seconds
+                name, (latest or 0) + 1, runtime_type, runtime_config, definition_metadata, time.time(), retry_policy, execution_timeout_seconds, limits
             )
             connection.execute(insert(job_definitions).values(**record.__dict__))
         return record
