@@ -72,8 +72,12 @@ class CallerClient:
         metadata: dict | None = None,
         retry_policy: dict | None = None,
         execution_timeout_seconds: float | None = None,
+        runtime_type: str = "process",
+        runtime_options: dict | None = None,
     ) -> dict:
-        body: dict[str, Any] = {"name": name, "runtime": {"type": "process", "command": command, "env": env or {}}, "metadata": metadata or {}}
+        """Create the next version of a definition; `runtime_options` adds runtime-specific fields such as gvisor's `mounts`."""
+        runtime = {"type": runtime_type, "command": command, "env": env or {}, **(runtime_options or {})}
+        body: dict[str, Any] = {"name": name, "runtime": runtime, "metadata": metadata or {}}
         if retry_policy is not None:
             body["retry_policy"] = retry_policy
         if execution_timeout_seconds is not None:

@@ -193,7 +193,13 @@ def build_caller_router() -> APIRouter:
 
     @router.post("/job-definitions", status_code=201, response_model=models.DefinitionOut)
     async def create_definition(body: models.DefinitionCreate, manager: Manager) -> models.DefinitionOut:
-        config = body.runtime.model_dump(exclude={"type"})
+        runtime = manager.context.runtimes.get(body.runtime.type)
+        if runtime is None:
+            raise CheckerError(
+                ErrorCode.INVALID_REQUEST,
+                f"runtime.type {body.runtime.type!r} is not available on this server; run 'checker doctor' to see which runtimes work here and why",
+            )
+        config = body.runtime.model_dump(exclude={"type"}, exclude_none=True)
         retry_policy = body.retry_policy.model_dump() if body.retry_policy is not None else None
         record = manager.state.create_definition(body.name, body.runtime.type, config, body.metadata, retry_policy, body.execution_timeout_seconds)
         logger.info("job definition %s version %d created", record.name, record.version)

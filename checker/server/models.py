@@ -34,9 +34,27 @@ class StrictModel(BaseModel):
 
 
 class RuntimeSpec(StrictModel):
-    type: Literal["process"] = Field(description="Runtime type that runs the job.")
+    type: Literal["process", "gvisor"] = Field(description="Runtime type that runs the job.")
     command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
+    mounts: list[str] | None = Field(
+        default=None, description="gvisor only: absolute host paths bound read-only into the sandbox at the same path, e.g. the job's script directory."
+    )
+    platform: Literal["systrap", "ptrace"] | None = Field(default=None, description="gvisor only: gVisor platform; systrap when omitted.")
+
+    @model_validator(mode="after")
+    def sandbox_fields_only_for_gvisor(self) -> "RuntimeSpec":
+        if self.type != "gvisor" and (self.mounts is not None or self.platform is not None):
+            raise ValueError(f"mounts and platform apply to the gvisor runtime only, not to {self.type!r}")
+        return self
+
+    @field_validator("mounts")
+    @classmethod
+    def mounts_absolute(cls, mounts: list[str] | None) -> list[str] | None:
+        for mount in mounts or []:
+            if not mount.startswith("/") or "\0" in mount:
+                raise ValueError(f"mount {mount!r} is invalid: give an absolute host path")
+        return mounts
 
     @field_validator("command")
     @classmethod
