@@ -21,6 +21,7 @@ from pathlib import Path
 
 from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.criu import Criu, CriuNotFoundError, find_criu
+from checker.runtimes.gvisor import find_runsc
 from checker.runtimes.process import ProcessRuntime
 from checker.runtimes.procfs import become_child_subreaper
 
@@ -114,6 +115,25 @@ def check_bubblewrap() -> CheckResult:
     return CheckResult("bubblewrap", completed.returncode == 0, f"{path} ({completed.stdout.strip() or completed.stderr.strip()})")
 
 
+def check_gvisor() -> CheckResult:
+    """Report whether the gvisor runtime can run here: runsc found, and a sandbox without network runs."""
+    runsc = find_runsc()
+    if runsc is None:
+        return CheckResult("runtime gvisor", False, "unavailable: runsc not found; install it with scripts/install-runsc.sh or set CHECKER_RUNSC", required=False)
+    version = subprocess.run([str(runsc), "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    with tempfile.TemporaryDirectory(prefix="checker-doctor-runsc-") as state:
+        try:
+            completed = subprocess.run(
+                [str(runsc), "--root", state, "--network=none", "--platform=systrap", "do", "/bin/true"], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            return CheckResult("runtime gvisor", False, f"unavailable: a sandbox of {runsc} did not finish within 60 s", required=False)
+    if completed.returncode != 0:
+        reason = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        return CheckResult("runtime gvisor", False, f"unavailable: {runsc} could not run a sandbox on the systrap platform: {reason}", required=False)
+    return CheckResult("runtime gvisor", True, f"available: {runsc} ({' '.join(version)}) ran a sandbox on the systrap platform", required=False)
+
+
 async def self_test(criu: Criu) -> CheckResult:
     """Dump, SIGKILL and restore a job that holds a TCP connection."""
     become_child_subreaper()  # The restored copy is re-parented to us, so we can reap it.
@@ -182,7 +202,14 @@ def run_doctor(configured_criu: str | None = None) -> int:
     bubblewrap = check_bubblewrap()
     results.append(bubblewrap)
     if criu is not None and results[0].ok and bubblewrap.ok:
-        results.append(asyncio.run(self_test(criu)))
+        self_test_result = asyncio.run(self_test(criu))
+        results.append(self_test_result)
+        process_detail = "available" if self_test_result.ok else "unavailable: the self-test failed"
+    else:
+        process_detail = "unavailable: it needs root, CRIU and bubblewrap"
+    results.append(CheckResult("runtime process", process_detail == "available", process_detail))
+    results.append(check_gvisor())
+    results.append(CheckResult("runtime vm", False, "unavailable: not part of this release", required=False))
 
     for result in results:
         if result.ok:
