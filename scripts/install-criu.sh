@@ -74,24 +74,7 @@ fi
 
 log "Debian ${VERSION_ID:-unknown}: building criu from Debian unstable's source package"
 
-# Find the main Debian archive this machine already uses: the first URI whose
-# suites include the release codename itself (not -security or -updates).
-archive_uri() {
-    local codename="$VERSION_CODENAME" file
-    for file in /etc/apt/sources.list.d/*.sources; do
-        [ -e "$file" ] || continue
-        awk -v codename="$codename" '
-            /^[[:space:]]*$/ { if (uri != "" && suite_ok) { print uri; exit } uri=""; suite_ok=0; next }
-            /^URIs:/ { uri=$2 }
-            /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == codename) suite_ok=1 }
-            END { if (uri != "" && suite_ok) print uri }
-        ' "$file"
-    done
-    for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -e "$file" ] || continue
-        awk -v codename="$codename" '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { if ($(i+1) == codename) print $i; break } }' "$file"
-    done
-}
+. "$(dirname "$0")/debian-archive.sh"
 ARCHIVE="$(archive_uri | head -n1)"
 [ -n "$ARCHIVE" ] || die "found no Debian archive for '$VERSION_CODENAME' in /etc/apt; add one, or install CRIU >= $MIN_VERSION and set CHECKER_CRIU"
 log "using the archive configured in /etc/apt for unstable's source"

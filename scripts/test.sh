@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-criu.sh
 scripts/install-bubblewrap.sh
+scripts/install-runsc.sh
 # The state store's PostgreSQL tests run a throwaway cluster from Debian's package.
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt-get update -qq

@@ -23,6 +23,7 @@ from checker.runtimes import sandbox
 from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.cgroups import detect_layout
 from checker.runtimes.criu import Criu, CriuNotFoundError, find_criu
+from checker.runtimes.gvisor import find_runsc
 from checker.runtimes.process import ProcessRuntime
 from checker.runtimes.procfs import become_child_subreaper
 
@@ -138,7 +139,9 @@ def check_runtimes(criu_usable: bool, root: bool, bubblewrap: bool) -> list[Chec
     missing_controllers = layout.missing(["memory", "cpu", "pids"])
     detail = layout.describe() if not missing_controllers else f"{layout.describe()}; limits that need them are rejected"
     results.append(CheckResult("limits", not missing_controllers, detail, required=False))
+    results.append(check_gvisor())
     results.append(CheckResult("runtime container", False, "not built: this release has no OCI (runc) runtime", required=False))
+    results.append(CheckResult("runtime vm", False, "not built: this release has no QEMU microVM runtime", required=False))
     return results
 
 
@@ -146,6 +149,25 @@ def runtime_result(name: str, missing: list[str]) -> CheckResult:
     if missing:
         return CheckResult(f"runtime {name}", False, "unusable: " + "; ".join(missing), required=False)
     return CheckResult(f"runtime {name}", True, "usable")
+
+
+def check_gvisor() -> CheckResult:
+    """Report whether the gvisor runtime can run here: runsc found, and a sandbox without network runs."""
+    runsc = find_runsc()
+    if runsc is None:
+        return CheckResult("runtime gvisor", False, "unavailable: runsc not found; install it with scripts/install-runsc.sh or set CHECKER_RUNSC", required=False)
+    version = subprocess.run([str(runsc), "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    with tempfile.TemporaryDirectory(prefix="checker-doctor-runsc-") as state:
+        try:
+            completed = subprocess.run(
+                [str(runsc), "--root", state, "--network=none", "--platform=systrap", "do", "/bin/true"], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            return CheckResult("runtime gvisor", False, f"unavailable: a sandbox of {runsc} did not finish within 60 s", required=False)
+    if completed.returncode != 0:
+        reason = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        return CheckResult("runtime gvisor", False, f"unavailable: {runsc} could not run a sandbox on the systrap platform: {reason}", required=False)
+    return CheckResult("runtime gvisor", True, f"available: {runsc} ({' '.join(version)}) ran a sandbox on the systrap platform", required=False)
 
 
 async def self_test(criu: Criu) -> CheckResult:

@@ -1,17 +1,28 @@
 """Runtimes: how a job is started, checkpointed, restored and stopped."""
 
+from pathlib import Path
+
 from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
 from checker.runtimes.cgroups import Limits
 from checker.runtimes.criu import Criu, find_criu
+from checker.runtimes.gvisor import GVisorRuntime, find_runsc
 from checker.runtimes.process import ProcessRuntime
 from checker.runtimes.sandbox import SandboxRuntime
 
-RUNTIME_TYPES = ("process", "sandbox")
+RUNTIME_TYPES = ("process", "sandbox", "gvisor")
 
 
-def create_runtimes(criu: Criu, criu_timeout_seconds: float) -> dict[str, Runtime]:
-    """Build one instance of every runtime available on this machine, by type name."""
-    return {"process": ProcessRuntime(criu, criu_timeout_seconds), "sandbox": SandboxRuntime(criu, criu_timeout_seconds)}
+def create_runtimes(criu: Criu, criu_timeout_seconds: float, state_dir: Path | None = None) -> dict[str, Runtime]:
+    """Build one instance of every runtime available on this machine, by type name.
+
+    The `gvisor` runtime is available when runsc is found and `state_dir` is
+    given; it keeps its sandboxes' files under `state_dir/gvisor`.
+    """
+    runtimes: dict[str, Runtime] = {"process": ProcessRuntime(criu, criu_timeout_seconds), "sandbox": SandboxRuntime(criu, criu_timeout_seconds)}
+    runsc = find_runsc()
+    if runsc is not None and state_dir is not None:
+        runtimes["gvisor"] = GVisorRuntime(runsc, state_dir / "gvisor")
+    return runtimes
 
 
 __all__ = ["Criu", "ExitStatus", "JobFiles", "LaunchSpec", "Limits", "RUNTIME_TYPES", "Runtime", "create_runtimes", "find_criu"]

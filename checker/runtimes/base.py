@@ -33,6 +33,11 @@ class JobFiles:
         """JSON file with the job's id and token, which the SDK reads before each call."""
         return self.job_dir / "identity.json"
 
+    @property
+    def api_socket_path(self) -> Path:
+        """Unix socket on which the server serves the runtime API to this job, for runtimes without a network."""
+        return self.job_dir / "api.sock"
+
     @classmethod
     def under(cls, job_dir: Path) -> "JobFiles":
         return cls(
@@ -116,6 +121,13 @@ class Runtime(ABC):
     """Starts, checkpoints, restores and stops jobs of one runtime type."""
 
     type_name: str
+
+    uses_job_socket: bool = False
+    """True when the job reaches the server only through its own unix socket (JobFiles.api_socket_path).
+
+    The server listens on that socket while the job runs, and stops
+    listening and aborts the job's connections while it checkpoints the job.
+    """
 
     @abstractmethod
     async def start(self, spec: LaunchSpec) -> ProcessIdentity:

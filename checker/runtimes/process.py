@@ -246,13 +246,10 @@ class ProcessRuntime(Runtime):
 
     async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str, leave_stopped: bool = False) -> ProcessIdentity:
         check_image_fits(spec, image_dir, context)
-        snapshot = image_dir / worksnapshot.SNAPSHOT_NAME
-        if snapshot.exists():
-            try:
-                await asyncio.to_thread(worksnapshot.restore_snapshot, snapshot, spec.files.work_dir)
-            except (OSError, tarfile.TarError) as error:
-                raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: cannot put back the work directory from {snapshot}: {error}") from error
-        spec.files.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(worksnapshot.put_back_work_dir, image_dir, spec.files.work_dir)
+        except (OSError, tarfile.TarError) as error:
+            raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: cannot put back the work directory from {image_dir / worksnapshot.SNAPSHOT_NAME}: {error}") from error
         spec.files.exit_status_path.unlink(missing_ok=True)
 
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import signal
 from dataclasses import dataclass
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -71,6 +72,16 @@ def is_exiting(identity: ProcessIdentity) -> bool:
     if fields is None or int(fields[19]) != identity.start_time:
         return True
     return fields[0] in ("Z", "X") or bool(int(fields[6]) & PF_EXITING)
+
+
+def kill_if_alive(identity: ProcessIdentity) -> None:
+    """Send SIGKILL to the process unless it has exited or its PID now belongs to another process."""
+    if not is_alive(identity):
+        return
+    try:
+        os.kill(identity.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def become_child_subreaper() -> None:

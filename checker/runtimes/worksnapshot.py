@@ -57,6 +57,17 @@ def restore_snapshot(snapshot: Path, work_dir: Path) -> None:
     shutil.rmtree(replaced, ignore_errors=True)
 
 
+def put_back_work_dir(image_dir: Path, work_dir: Path) -> None:
+    """Replace `work_dir` with the archive in `image_dir` when the image has one, then make sure the directory exists.
+
+    Raises OSError or tarfile.TarError when the archive cannot be unpacked.
+    """
+    snapshot = image_dir / SNAPSHOT_NAME
+    if snapshot.exists():
+        restore_snapshot(snapshot, work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+
 def main() -> int:
     if os.environ.get("CRTOOLS_SCRIPT_ACTION") != "post-dump":
         return 0

@@ -195,6 +195,12 @@ def build_caller_router() -> APIRouter:
 
     @router.post("/job-definitions", status_code=201, response_model=models.DefinitionOut)
     async def create_definition(body: models.DefinitionCreate, manager: Manager) -> models.DefinitionOut:
+        runtime = manager.context.runtimes.get(body.runtime.type)
+        if runtime is None:
+            raise CheckerError(
+                ErrorCode.INVALID_REQUEST,
+                f"runtime.type {body.runtime.type!r} is not available on this server; run 'checker doctor' to see which runtimes work here and why",
+            )
         config = body.runtime.model_dump(exclude={"type"}, exclude_none=True)
         retry_policy = body.retry_policy.model_dump() if body.retry_policy is not None else None
         limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None

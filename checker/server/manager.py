@@ -17,6 +17,7 @@ from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import Limits, Runtime
 from checker.runtimes.base import JobFiles, write_identity
 from checker.runtimes.procfs import ProcessIdentity, is_alive
+from checker.server.jobsockets import JobSockets
 from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token, hash_token
 from checker.store.checkpoints import LocalCheckpointStore
 from checker.store.state import CheckpointRecord, CheckpointStatus, DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
@@ -67,7 +68,16 @@ def copy_prefix(source: Path, target: Path, size: int) -> None:
 class JobManager:
     """Registry of job runners, shared by the HTTP handlers."""
 
-    def __init__(self, settings: Settings, state: StateStore, checkpoints: LocalCheckpointStore, runtimes: dict[str, Runtime], api_url: str, criu_version: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        state: StateStore,
+        checkpoints: LocalCheckpointStore,
+        runtimes: dict[str, Runtime],
+        api_url: str,
+        criu_version: str,
+        job_sockets: JobSockets | None = None,
+    ) -> None:
         self.settings = settings
         self.state = state
         self.runners: dict[str, JobRunner] = {}
@@ -79,6 +89,7 @@ class JobManager:
             api_url=api_url,
             criu_version=criu_version,
             on_finished=self._on_runner_finished,
+            job_sockets=job_sockets or JobSockets(),
         )
 
     async def recover(self) -> None:

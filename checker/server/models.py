@@ -34,7 +34,7 @@ class StrictModel(BaseModel):
 
 
 class RuntimeSpec(StrictModel):
-    type: Literal["process", "sandbox"] = Field(description="Runtime type that runs the job.")
+    type: Literal["process", "sandbox", "gvisor"] = Field(description="Runtime type that runs the job.")
     command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
     read_only_binds: list[str] | None = Field(
@@ -43,6 +43,24 @@ class RuntimeSpec(StrictModel):
     user_namespace: bool | None = Field(default=None, strict=True, description="sandbox only: run the job in a new user namespace.")
     network: str | None = Field(default=None, description="sandbox only: 'host' (the default) shares the host's network.")
     die_with_parent: bool | None = Field(default=None, strict=True, description="sandbox only: rejected, because a restored job would be killed.")
+    mounts: list[str] | None = Field(
+        default=None, description="gvisor only: absolute host paths bound read-only into the sandbox at the same path, e.g. the job's script directory."
+    )
+    platform: Literal["systrap", "ptrace"] | None = Field(default=None, description="gvisor only: gVisor platform; systrap when omitted.")
+
+    @model_validator(mode="after")
+    def sandbox_fields_only_for_gvisor(self) -> "RuntimeSpec":
+        if self.type != "gvisor" and (self.mounts is not None or self.platform is not None):
+            raise ValueError(f"mounts and platform apply to the gvisor runtime only, not to {self.type!r}")
+        return self
+
+    @field_validator("mounts")
+    @classmethod
+    def mounts_absolute(cls, mounts: list[str] | None) -> list[str] | None:
+        for mount in mounts or []:
+            if not mount.startswith("/") or "\0" in mount:
+                raise ValueError(f"mount {mount!r} is invalid: give an absolute host path")
+        return mounts
 
     @field_validator("command")
     @classmethod

@@ -18,7 +18,8 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from checker.server.commands import (
     Wake,
     answer_from_token,
 )
+from checker.server.jobsockets import JobSockets
 from checker.server.locks import CheckpointLocks
 from checker.server.retry import RetryPolicy
 from checker.store.checkpoints import LocalCheckpointStore
@@ -68,6 +70,7 @@ class RunnerContext:
     api_url: str
     criu_version: str
     on_finished: Any = None
+    job_sockets: JobSockets = field(default_factory=JobSockets)
 
 
 class JobRunner:
@@ -281,6 +284,7 @@ class JobRunner:
         self._schedule_timeout()
         if command.adopt is not None:
             self.process = command.adopt
+            await self._listen_for_job()
             # A server that died between restoring the job stopped and resuming it leaves it stopped.
             await self.runtime.resume(command.adopt)
             self._watch()
@@ -315,6 +319,7 @@ class JobRunner:
         self.job = self.context.state.update_job(self.job_id, token_hash=hash_token(token), output_reported=0, output=None)
         write_identity(self.files, self.job_id, token)
         spec = self._launch_spec(self._job_environment(token))
+        await self._listen_for_job()
         try:
             self.process = await self.runtime.start(spec)
         except CheckerError as error:
@@ -336,6 +341,17 @@ class JobRunner:
         logger.info("job %s %s (pid %d, runtime %s)", self.job_id, reason, self.process.pid, self.job.runtime_type)
         self._watch()
         self._schedule_timeout()
+
+    async def _listen_for_job(self) -> None:
+        """Serve the runtime API on the job's own socket, for runtimes whose jobs have no network."""
+        if self.runtime.uses_job_socket:
+            await self.context.job_sockets.open(self.job_id, self.files.api_socket_path)
+
+    def _job_disconnected(self) -> AbstractAsyncContextManager:
+        """Return a context in which the job has no connection to the server, for runtimes that need that to checkpoint."""
+        if self.runtime.uses_job_socket:
+            return self.context.job_sockets.paused(self.job_id)
+        return nullcontext()
 
     def _watch(self) -> None:
         process = self.process
@@ -400,9 +416,10 @@ class JobRunner:
         started = time.monotonic()
         hasher = self.context.checkpoints.hasher_for(staging).start()
         try:
-            await self.runtime.checkpoint(
-                self._launch_spec(), self.process, staging, leave_running=pending.leave_running, log_path=self._criu_log(f"dump-{number}"), context=context
-            )
+            async with self._job_disconnected():
+                await self.runtime.checkpoint(
+                    self._launch_spec(), self.process, staging, leave_running=pending.leave_running, log_path=self._criu_log(f"dump-{number}"), context=context
+                )
         except CheckerError as error:
             # After a failed dump CRIU lets the job run on, also in stop mode.
             await asyncio.to_thread(hasher.cancel)
@@ -619,6 +636,10 @@ class JobRunner:
         # CRIU restores the copy stopped while the image is verified on the other
         # core; the copy runs only once every file matched its sha256.
         verification = asyncio.create_task(asyncio.to_thread(store.verify, self.job_id, checkpoint.number))
+        if self.runtime.uses_job_socket:
+            # The copy's retried calls must see the restore recorded first, or
+            # a retried checkpoint call would be answered `restored: false`.
+            await self.context.job_sockets.stop_listening(self.job_id)
         try:
             process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context, leave_stopped=True)
         except CheckerError:
@@ -654,6 +675,7 @@ class JobRunner:
             wait_token=None,
         )
         logger.info(message)
+        await self._listen_for_job()
         self._watch()
 
     # Suspension
@@ -778,11 +800,15 @@ class JobRunner:
         for timer in (self._exit_deadline, self._timeout_timer, self._retry_timer, self._wake_timer):
             if timer is not None:
                 timer.cancel()
-        self._cleanup_task = asyncio.ensure_future(self.runtime.cleanup(self._launch_spec()))
+        self._cleanup_task = asyncio.ensure_future(self._clean_up())
         logger.info(message)
         self.finished.set()
         if self.context.on_finished is not None:
             self.context.on_finished(self)
+
+    async def _clean_up(self) -> None:
+        await self.context.job_sockets.close(self.job_id)
+        await self.runtime.cleanup(self._launch_spec())
 
     # Retries and timeouts
 

@@ -17,6 +17,7 @@ from checker.config import Settings
 from checker.runtimes import create_runtimes, find_criu
 from checker.runtimes.procfs import become_child_subreaper
 from checker.server.app import create_app
+from checker.server.jobsockets import JobSockets
 from checker.server.manager import JobManager
 from checker.store.checkpoints import LocalCheckpointStore
 from checker.store.state import StateStore, sqlite_url
@@ -87,6 +88,8 @@ class Server:
         self.api_url = api_url_for(self.listener)
         self.manager: JobManager | None = None
         self._uvicorn: uvicorn.Server | None = None
+        self.job_sockets = JobSockets()
+        """Unix sockets of jobs without a network (gvisor), served by the same application."""
 
     @asynccontextmanager
     async def _manager(self) -> AsyncIterator[JobManager]:
@@ -95,7 +98,8 @@ class Server:
         if state.applied_migrations:
             logger.info("state store migrated to schema version %d", state.applied_migrations[-1])
         checkpoints = LocalCheckpointStore(self.settings.checkpoints_dir, fsync=self.settings.fsync_checkpoints)
-        manager = JobManager(self.settings, state, checkpoints, create_runtimes(self.criu, self.settings.criu_timeout_seconds), self.api_url, self.criu.version)
+        runtimes = create_runtimes(self.criu, self.settings.criu_timeout_seconds, self.settings.state_dir)
+        manager = JobManager(self.settings, state, checkpoints, runtimes, self.api_url, self.criu.version, self.job_sockets)
         self.manager = manager
         logger.info("server listening on %s (CRIU %s at %s, state in %s)", self.api_url, self.criu.version, self.criu.path, self.settings.state_dir)
         await manager.recover()
@@ -103,6 +107,7 @@ class Server:
             yield manager
         finally:
             await manager.shutdown()
+            await self.job_sockets.close_all()
             state.close()
             if self.settings.drain_on_shutdown:
                 logger.info("server stopped; drained jobs resume at the next start")
@@ -113,6 +118,7 @@ class Server:
         app = create_app(self._manager, self.settings.api_token)
         config = uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=5, lifespan="on")
         self._uvicorn = uvicorn.Server(config)
+        self.job_sockets.attach(self._uvicorn)
         return self._uvicorn
 
     async def serve(self) -> None:
