@@ -22,7 +22,7 @@ import pytest
 from checker.cli.client import CallerClient
 from checker.runtimes.process import mounts_job_dir
 from checker.runtimes.criu import CriuNotFoundError, find_criu
-from checker.runtimes.procfs import ProcessIdentity, is_alive
+from checker.runtimes.procfs import ProcessIdentity, become_child_subreaper, is_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,6 +204,21 @@ def token_jobs(client: CallerClient, job_script, tmp_path: Path):
 
     yield start
     gate.touch()
+
+
+@pytest.fixture
+def child_subreaper():
+    """Make the test process a child subreaper for one test, as the server is.
+
+    It must not stay one: orphans of every later test's SIGKILLed server would
+    then be re-parented to pytest, which never reaps them, and runsc waits for
+    its dead helper processes to be reaped.
+    """
+    become_child_subreaper()
+    try:
+        yield
+    finally:
+        become_child_subreaper(False)
 
 
 def job_processes(state_dir: Path, job_id: str) -> list[int]:

@@ -17,7 +17,7 @@ from checker.errors import CriuError, ErrorCode
 from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.criu import ABANDON_GRACE_SECONDS, Criu, find_criu, run_criu
 from checker.runtimes.process import ProcessRuntime
-from checker.runtimes.procfs import become_child_subreaper, identify, is_exiting, read_state
+from checker.runtimes.procfs import identify, is_exiting, read_state
 
 from conftest import wait_until
 
@@ -60,7 +60,7 @@ def criu_processes(image_root: Path) -> list[int]:
     return found
 
 
-def test_dump_ends_when_the_job_is_killed_during_it(tmp_path: Path) -> None:
+def test_dump_ends_when_the_job_is_killed_during_it(tmp_path: Path, child_subreaper) -> None:
     async def one_round(runtime: ProcessRuntime, index: int) -> tuple[float, str]:
         files = JobFiles.under(tmp_path / f"job-{index}")
         files.work_dir.mkdir(parents=True)
@@ -86,7 +86,6 @@ def test_dump_ends_when_the_job_is_killed_during_it(tmp_path: Path) -> None:
         return time.monotonic() - killed_at, "" if error is None else str(error)
 
     async def scenario() -> tuple[list[tuple[float, str]], list[int]]:
-        become_child_subreaper()
         runtime = ProcessRuntime(find_criu())
         rounds = [await one_round(runtime, index) for index in range(KILL_ROUNDS)]
         return rounds, criu_processes(tmp_path / "images")

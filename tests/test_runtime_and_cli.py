@@ -14,7 +14,6 @@ from checker.cli.client import CallerClient
 from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.criu import find_criu
 from checker.runtimes.process import ProcessRuntime
-from checker.runtimes.procfs import become_child_subreaper
 
 from conftest import REPO_ROOT, free_port
 
@@ -28,9 +27,8 @@ print(value + 1, flush=True)
 """
 
 
-def test_same_image_restores_twice_at_once(tmp_path: Path) -> None:
+def test_same_image_restores_twice_at_once(tmp_path: Path, child_subreaper) -> None:
     async def scenario() -> tuple[list[int], list[str], int]:
-        become_child_subreaper()
         runtime = ProcessRuntime(find_criu())
         gate = tmp_path / "gate"
         files = JobFiles.under(tmp_path / "job")

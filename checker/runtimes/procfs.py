@@ -84,10 +84,10 @@ def kill_if_alive(identity: ProcessIdentity) -> None:
         pass
 
 
-def become_child_subreaper() -> None:
-    """Make this process adopt orphaned descendants, such as jobs restored by `criu restore -d`."""
+def become_child_subreaper(enabled: bool = True) -> None:
+    """Make this process adopt orphaned descendants, such as jobs restored by `criu restore -d`; `enabled=False` stops that."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(code)}")
 
