@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 from conftest import event_kinds, spawn_script, wait_for_checkpoints, wait_for_state, wait_until
@@ -279,3 +280,43 @@ def test_criu_logs_kept_per_operation(client, server, job_script, tmp_path: Path
 
     logs = sorted(p.name for p in (server.state_dir / "jobs" / job["id"] / "criu").iterdir())
     assert logs == ["dump-1.log", "restore-1-from-1.log"]
+
+
+def test_restore_survives_host_mounts_that_went_away(client, server, job_script, tmp_path: Path) -> None:
+    """Mounts under /run/checker made before the job started, or anywhere after, are not part of its image."""
+    source = """
+        import os, time
+        import checker
+
+        params = checker.params()
+        first = checker.checkpoint()
+        while not os.path.exists(params["gate"]):
+            time.sleep(0.02)
+        second = checker.checkpoint()
+        while not os.path.exists(params["gate2"]):
+            time.sleep(0.02)
+        checker.exit({"second": [second.number, second.restored]})
+    """
+    before = Path(f"/run/checker/test-transient-{os.getpid()}-before")
+    after = tmp_path / "mounted-after-start"
+    for point in (before, after):
+        point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "checker-test", str(before)], check=True)
+    try:
+        gate, gate2 = tmp_path / "gate", tmp_path / "gate2"
+        job = spawn_script(client, job_script("mounts", source), {"gate": str(gate), "gate2": str(gate2)})
+        wait_for_checkpoints(client, job["id"], 1)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "checker-test", str(after)], check=True)
+        gate.touch()
+        running = wait_for_checkpoints(client, job["id"], 2)
+    finally:
+        for point in (after, before):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+        before.rmdir()
+
+    os.kill(running["pid"], signal.SIGKILL)
+    wait_until(lambda: client.get_job(job["id"])["restore_count"] == 1, 30, "the restore")
+    gate2.touch()
+    result = client.result(job["id"], wait=30)
+    assert result["state"] == "completed", (result, [e["message"] for e in client.events(job["id"])])
+    assert result["output"]["second"] == [2, True]

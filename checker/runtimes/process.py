@@ -15,7 +15,9 @@ job's directory at JOB_MOUNT on top. Every path of the job's own files (logs,
 exit status, work directory, identity) is therefore the same for every job and
 every copy, and a restore decides which host directory is mounted there. That
 is what lets a fork run from another job's image with its own files. CRIU
-treats the host bind mounts as external and mounts them again on restore.
+treats the host bind mounts as external and mounts them again on restore, so
+isolatemounts.py first freezes the job's mount table (see there). A host
+mount that existed when the job started must still exist when it is restored.
 
 The namespace init is the root of every dump. After `criu restore -d` the
 restored init is re-parented to the nearest child subreaper, which is the server.
@@ -45,6 +47,7 @@ from checker.sdk.client import ENV_IDENTITY_FILE
 logger = logging.getLogger(__name__)
 
 PIDINIT = Path(__file__).with_name("pidinit.py")
+ISOLATE_MOUNTS = Path(__file__).with_name("isolatemounts.py")
 START_TIMEOUT_SECONDS = 10.0
 
 SNAPSHOT_SCRIPT = Path(worksnapshot.__file__).with_suffix(".sh")
@@ -75,6 +78,7 @@ def launch_command(job_dir: Path, command: list[str]) -> list[str]:
         "bwrap", "--unshare-pid", "--as-pid-1", "--new-session",
         "--dev-bind", "/", "/", "--bind", str(job_dir), str(JOB_MOUNT), "--chdir", str(INSIDE.work_dir),
         "--",
+        sys.executable, "-I", "-S", str(ISOLATE_MOUNTS), str(JOB_MOUNT), "--",
         sys.executable, "-I", "-S", str(PIDINIT),
         str(INSIDE.stdout_path), str(INSIDE.stderr_path), str(INSIDE.exit_status_path), str(INSIDE.work_dir),
         "--", *command,
