@@ -17,6 +17,10 @@ from typing import Any
 
 from checker.cli.client import APIError, CallerClient, server_url_from_environment
 from checker.config import DEFAULT_PORT, Settings, default_state_dir
+from checker.store.chunks import MAX_ZSTD_LEVEL
+
+DEFAULT_COMPRESSION_LEVEL = Settings.checkpoint_compression_level
+DEFAULT_FINISHED_RETENTION_SECONDS = Settings.finished_checkpoints_retention_seconds
 
 TERMINAL_STATES = ("completed", "failed")
 PROGRESS_EVENTS = (
@@ -70,6 +74,29 @@ def parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:
     return params
 
 
+def compression_level(text: str) -> int | None:
+    """Parse --checkpoint-compression: 'off' or a zstd level."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        level = int(text)
+    except ValueError:
+        level = 0
+    if not 1 <= level <= MAX_ZSTD_LEVEL:
+        raise argparse.ArgumentTypeError(f"invalid compression {text!r}; give off or a zstd level from 1 to {MAX_ZSTD_LEVEL}")
+    return level
+
+
+def non_negative_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}; give 0 or more, e.g. 86400")
+    return seconds
+
+
 def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Settings:
     return Settings(
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
@@ -80,6 +107,9 @@ def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Set
         criu_timeout_seconds=getattr(args, "criu_timeout", 1800.0),
         api_token=getattr(args, "api_token", None) or os.environ.get("CHECKER_API_TOKEN") or None,
         keep_checkpoints=getattr(args, "keep_checkpoints", 3),
+        checkpoint_compression_level=getattr(args, "checkpoint_compression", DEFAULT_COMPRESSION_LEVEL),
+        checkpoint_dedupe=not getattr(args, "no_checkpoint_dedupe", False),
+        finished_checkpoints_retention_seconds=getattr(args, "keep_finished_checkpoints", DEFAULT_FINISHED_RETENTION_SECONDS),
         checkpoint_lock_timeout_seconds=getattr(args, "checkpoint_lock_timeout", 60.0),
         drain_on_shutdown=not getattr(args, "no_drain", True),
         drain_timeout_seconds=getattr(args, "drain_timeout", 60.0),
@@ -382,6 +412,25 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--database-url", help="SQLAlchemy URL of the state store (default SQLite in the state directory).")
     server.add_argument("--api-token", help="Bearer token required on the caller API (default $CHECKER_API_TOKEN; required off loopback).")
     server.add_argument("--keep-checkpoints", type=int, default=3, help="Most recent checkpoints kept per job (default 3).")
+    server.add_argument(
+        "--checkpoint-compression",
+        type=compression_level,
+        default=DEFAULT_COMPRESSION_LEVEL,
+        metavar="off|LEVEL",
+        help=f"zstd level (1-{MAX_ZSTD_LEVEL}) of stored checkpoint chunks, or off (default {DEFAULT_COMPRESSION_LEVEL}).",
+    )
+    server.add_argument(
+        "--no-checkpoint-dedupe",
+        action="store_true",
+        help="Store each checkpoint's image files in full (format 1, uncompressed) instead of chunks shared by a job's checkpoints; needs --checkpoint-compression off.",
+    )
+    server.add_argument(
+        "--keep-finished-checkpoints",
+        type=non_negative_seconds,
+        default=DEFAULT_FINISHED_RETENTION_SECONDS,
+        metavar="SECONDS",
+        help=f"Seconds the checkpoints of a completed or failed job are kept before they are deleted (default {DEFAULT_FINISHED_RETENTION_SECONDS:.0f}, 7 days).",
+    )
     server.add_argument(
         "--no-drain",
         action="store_true",

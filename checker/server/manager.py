@@ -74,6 +74,7 @@ class JobManager:
         self.settings = settings
         self.state = state
         self.runners: dict[str, JobRunner] = {}
+        self._expiry_task: asyncio.Task | None = None
         self.context = RunnerContext(
             settings=settings,
             state=state,
@@ -106,6 +107,39 @@ class JobManager:
 
         if self.runners:
             logger.info("recovery: supervising %d unfinished job(s)", len(self.runners))
+        self._expiry_task = asyncio.create_task(self._expire_finished_jobs_periodically(), name="checkpoint-expiry")
+
+    async def _expire_finished_jobs_periodically(self) -> None:
+        retention = self.settings.finished_checkpoints_retention_seconds
+        interval = min(60.0, max(0.5, retention / 4))
+        while True:
+            try:
+                await asyncio.to_thread(self.expire_finished_jobs)
+            except (OSError, CheckerError) as error:
+                logger.error("deleting the checkpoints of finished jobs failed: %s; retrying in %.0f s", error, interval)
+            await asyncio.sleep(interval)
+
+    def expire_finished_jobs(self) -> list[str]:
+        """Delete every checkpoint and chunk of jobs that completed or failed longer ago than the retention; return their ids.
+
+        The state store marks the checkpoints deleted first, so a crash midway
+        leaves files that the next pass deletes. A job with a checkpoint that
+        a fork reads right now is skipped until the next pass.
+        """
+        cutoff = time.time() - self.settings.finished_checkpoints_retention_seconds
+        store = self.context.checkpoints
+        expired = []
+        for job in self.state.list_jobs(states=JobState.TERMINAL, limit=1_000_000):
+            if job.finished_at is None or job.finished_at > cutoff or not store.has_job(job.id) or store.is_pinned(job.id):
+                continue
+            for checkpoint in self.state.list_checkpoints(job.id, [CheckpointStatus.VALID, CheckpointStatus.CORRUPT]):
+                self.state.set_checkpoint_status(job.id, checkpoint.number, CheckpointStatus.DELETED)
+            store.delete_job(job.id)
+            message = f"checkpoints of job {job.id} deleted: it {job.state} more than {self.settings.finished_checkpoints_retention_seconds:g} s ago"
+            self.state.add_event(job.id, "checkpoints_expired", message, {})
+            logger.info(message)
+            expired.append(job.id)
+        return expired
 
     async def shutdown(self) -> None:
         """Stop every runner, after draining running jobs when the settings ask for it.
@@ -113,6 +147,9 @@ class JobManager:
         Without a drain, running jobs keep running and the next server
         re-adopts them.
         """
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            await asyncio.gather(self._expiry_task, return_exceptions=True)
         if self.settings.drain_on_shutdown:
             await self.drain(self.settings.drain_timeout_seconds)
         await asyncio.gather(*(runner.stop() for runner in list(self.runners.values())))
@@ -225,13 +262,14 @@ class JobManager:
         checkpoint = self._checkpoint_to_fork(source, number)
         fork_id = secrets.token_hex(8)
         token = secrets.token_urlsafe(32)
-        manifest = self.context.checkpoints.read_manifest(source.id, checkpoint.number)
-
-        source_files = JobFiles.under(self.settings.jobs_dir / source.id)
-        fork_files = JobFiles.under(self.settings.jobs_dir / fork_id)
-        await asyncio.to_thread(prepare_fork_files, source_files, fork_files, manifest.job_files)
-        write_identity(fork_files, fork_id, token)
-        await asyncio.to_thread(self.context.checkpoints.copy, source.id, checkpoint.number, fork_id)
+        store = self.context.checkpoints
+        with store.pinned(source.id, checkpoint.number):
+            manifest = store.read_manifest(source.id, checkpoint.number)
+            source_files = JobFiles.under(self.settings.jobs_dir / source.id)
+            fork_files = JobFiles.under(self.settings.jobs_dir / fork_id)
+            await asyncio.to_thread(prepare_fork_files, source_files, fork_files, manifest.job_files)
+            write_identity(fork_files, fork_id, token)
+            await asyncio.to_thread(store.copy, source.id, checkpoint.number, fork_id)
 
         values = {
             "id": fork_id,

@@ -41,7 +41,7 @@ from checker.server.commands import (
 )
 from checker.server.locks import CheckpointLocks
 from checker.server.retry import RetryPolicy
-from checker.store.checkpoints import LocalCheckpointStore
+from checker.store.checkpoints import LocalCheckpointStore, Manifest
 from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore
 
 logger = logging.getLogger(__name__)
@@ -395,14 +395,14 @@ class JobRunner:
         job_files = {"stdout": self._file_size(self.files.stdout_path), "stderr": self._file_size(self.files.stderr_path)}
 
         started = time.monotonic()
-        hasher = self.context.checkpoints.hasher_for(staging).start()
+        writer = self.context.checkpoints.image_writer(self.job_id, staging).start()
         try:
             await self.runtime.checkpoint(
                 self._launch_spec(), self.process, staging, leave_running=pending.leave_running, log_path=self._criu_log(f"dump-{number}"), context=context
             )
         except CheckerError as error:
             # After a failed dump CRIU lets the job run on, also in stop mode.
-            await asyncio.to_thread(hasher.cancel)
+            await asyncio.to_thread(writer.cancel)
             pending.dump_finished = True
             self._event("checkpoint_failed", error.message, checkpoint=number, criu_errors=getattr(error, "error_lines", []))
             logger.error("job %s: %s", self.job_id, error.message)
@@ -416,7 +416,6 @@ class JobRunner:
             self.process = None
 
         try:
-            hashed_already = await asyncio.to_thread(hasher.finish)
             manifest = await asyncio.to_thread(
                 self.context.checkpoints.commit,
                 staging,
@@ -426,7 +425,7 @@ class JobRunner:
                 runtime=self.job.runtime_type,
                 criu_version=self.context.criu_version,
                 job_files=job_files,
-                hashed_already=hashed_already,
+                writer=writer,
             )
         except OSError as error:
             message = f"{context} failed while storing the image: {error}"
@@ -445,13 +444,17 @@ class JobRunner:
             mode="keep-running" if pending.leave_running else "stop",
             location=str(self.context.checkpoints.location(self.job_id, number)),
             size_bytes=manifest.image_bytes,
+            stored_bytes=manifest.stored_bytes if manifest.chunked else manifest.image_bytes,
             dump_seconds=dump_seconds,
             total_seconds=total_seconds,
             status=CheckpointStatus.VALID,
             criu_version=self.context.criu_version,
             created_at=time.time(),
         )
-        message = f"checkpoint {number} of job {self.job_id}: {manifest.image_bytes / 1e6:.1f} MB, dump {dump_seconds:.3f} s, total {total_seconds:.3f} s"
+        message = (
+            f"checkpoint {number} of job {self.job_id}: {manifest.image_bytes / 1e6:.1f} MB, {record.stored_bytes / 1e6:.1f} MB stored, "
+            f"dump {dump_seconds:.3f} s, total {total_seconds:.3f} s"
+        )
         job_values, event_kind = None, "checkpoint"
         if pending.suspend is not None:
             job_values = self._suspended_values(pending.suspend, pending.tokens[0] if pending.tokens else None)
@@ -490,11 +493,24 @@ class JobRunner:
         shutil.rmtree(staging, ignore_errors=True)
 
     def _apply_retention(self) -> None:
-        """Delete all but the most recent `keep_checkpoints` valid checkpoints of the job."""
-        valid = self.context.state.list_checkpoints(self.job_id, [CheckpointStatus.VALID])
+        """Delete the job's valid checkpoints beyond the newest `keep_checkpoints`, then the chunks no checkpoint lists.
+
+        A checkpoint that a fork or restore has pinned is kept until a later
+        retention. The state store marks a checkpoint deleted before its files
+        go, so files that a crash left behind are deleted again here.
+        """
+        store = self.context.checkpoints
+        checkpoints = self.context.state.list_checkpoints(self.job_id)
+        valid = [c for c in checkpoints if c.status == CheckpointStatus.VALID]
         for old in valid[: -self.context.settings.keep_checkpoints]:
+            if store.is_pinned(self.job_id, old.number):
+                logger.info("job %s: checkpoint %d is in use by a fork or restore; it is deleted at a later checkpoint", self.job_id, old.number)
+                continue
             self.context.state.set_checkpoint_status(self.job_id, old.number, CheckpointStatus.DELETED)
-            self.context.checkpoints.delete(self.job_id, old.number)
+            store.delete(self.job_id, old.number)
+        for deleted in (c for c in checkpoints if c.status == CheckpointStatus.DELETED):
+            store.delete(self.job_id, deleted.number)
+        store.collect_garbage(self.job_id)
 
     def _criu_log(self, name: str) -> Path:
         """Path of one CRIU log of this job; each dump and restore keeps its own."""
@@ -595,29 +611,14 @@ class JobRunner:
     async def _restore(self, checkpoint: CheckpointRecord, reason: str) -> None:
         started = time.monotonic()
         store = self.context.checkpoints
-        manifest = store.read_manifest(self.job_id, checkpoint.number)
-        self._rewind_logs(manifest.job_files)
-
-        context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
-        image_dir = store.location(self.job_id, checkpoint.number)
-        log_path = self._criu_log(f"restore-{self.job.restore_count + 1}-from-{checkpoint.number}")
-
-        # CRIU restores the copy stopped while the image is verified on the other
-        # core; the copy runs only once every file matched its sha256.
-        verification = asyncio.create_task(asyncio.to_thread(store.verify, self.job_id, checkpoint.number))
-        try:
-            process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context, leave_stopped=True)
-        except CheckerError:
-            await asyncio.gather(verification, return_exceptions=True)
-            if verification.exception() is not None:
-                raise verification.exception() from None  # A corrupt image explains the failed restore.
-            raise
-        try:
-            await verification
-        except CorruptCheckpointError:
-            await self.runtime.kill(process)
-            await self.runtime.wait(self._launch_spec(), process)
-            raise
+        with store.pinned(self.job_id, checkpoint.number):
+            manifest = store.read_manifest(self.job_id, checkpoint.number)
+            self._rewind_logs(manifest.job_files)
+            image_dir = await asyncio.to_thread(store.prepare_restore, manifest)
+            try:
+                process = await self._restore_verified(checkpoint, manifest, image_dir)
+            finally:
+                await asyncio.to_thread(store.release_restore, manifest, image_dir)
         await self.runtime.resume(process)
         self.process = process
         seconds = time.monotonic() - started
@@ -641,6 +642,30 @@ class JobRunner:
         )
         logger.info(message)
         self._watch()
+
+    async def _restore_verified(self, checkpoint: CheckpointRecord, manifest: Manifest, image_dir: Path) -> ProcessIdentity:
+        """Run `criu restore` from `image_dir` and return the restored process once the image files matched the manifest."""
+        store = self.context.checkpoints
+        context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
+        log_path = self._criu_log(f"restore-{self.job.restore_count + 1}-from-{checkpoint.number}")
+
+        # CRIU restores the copy stopped while the image files are verified on
+        # the other core; the copy runs only once every file matched its sha256.
+        verification = asyncio.create_task(asyncio.to_thread(store.verify_files, manifest, image_dir))
+        try:
+            process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context, leave_stopped=True)
+        except CheckerError:
+            await asyncio.gather(verification, return_exceptions=True)
+            if verification.exception() is not None:
+                raise verification.exception() from None  # A corrupt image explains the failed restore.
+            raise
+        try:
+            await verification
+        except CorruptCheckpointError:
+            await self.runtime.kill(process)
+            await self.runtime.wait(self._launch_spec(), process)
+            raise
+        return process
 
     # Suspension
 

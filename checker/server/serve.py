@@ -94,7 +94,12 @@ class Server:
         state = StateStore(self.settings.database_url or sqlite_url(self.settings.state_dir))
         if state.applied_migrations:
             logger.info("state store migrated to schema version %d", state.applied_migrations[-1])
-        checkpoints = LocalCheckpointStore(self.settings.checkpoints_dir, fsync=self.settings.fsync_checkpoints)
+        checkpoints = LocalCheckpointStore(
+            self.settings.checkpoints_dir,
+            fsync=self.settings.fsync_checkpoints,
+            compression_level=self.settings.checkpoint_compression_level,
+            dedupe=self.settings.checkpoint_dedupe,
+        )
         manager = JobManager(self.settings, state, checkpoints, create_runtimes(self.criu, self.settings.criu_timeout_seconds), self.api_url, self.criu.version)
         self.manager = manager
         logger.info("server listening on %s (CRIU %s at %s, state in %s)", self.api_url, self.criu.version, self.criu.path, self.settings.state_dir)

@@ -1,19 +1,27 @@
-"""Local checkpoint store: one directory of CRIU image files per checkpoint.
+"""Local checkpoint store: CRIU images as zstd-compressed chunks shared by a job's checkpoints.
 
 Layout under the store's root::
 
-    <job id>/<number>.partial/   being written; never restored from
-    <job id>/<number>/           complete: CRIU's image files and manifest.json
+    <job id>/chunks/              the job's chunks, named by sha256 (see checker.store.chunks)
+    <job id>/<number>.partial/    being written: CRIU's image files; never restored from
+    <job id>/<number>/            complete: manifest.json (format 1 also has the image files)
+    <job id>/<number>.restore/    image files rebuilt from chunks for one `criu restore`
+    <job id>/<number>.deleting/   being deleted
+    .deleting-<job id>/           a whole job being deleted
 
-A checkpoint exists only once its `manifest.json` is in place: the manifest is
-written last, atomically (temporary file, fsync, rename), and the directory is
-renamed from `.partial` after that. A crash at any point leaves either a
-complete checkpoint or a `.partial` directory that is deleted on the next start.
+A checkpoint exists only once its `manifest.json` is in place: every chunk is
+written (and flushed, with fsync on) first, the manifest is written last,
+atomically (temporary file, fsync, rename), and the directory is renamed from
+`.partial` after that. A crash at any point leaves either a complete
+checkpoint or a `.partial` directory and unreferenced chunks, which the next
+start deletes. Deletion renames a directory before removing it, and chunks
+are deleted only when no manifest of the job lists them, so a crash during
+garbage collection loses no chunk that a complete checkpoint references.
 
-Manifest format, version 1 (JSON object)::
+Manifest (JSON object), common fields::
 
     format          "checker-checkpoint"
-    format_version  1
+    format_version  1 or 2
     job_id          the job's id
     checkpoint      checkpoint number, from 1
     parent          number of the previous checkpoint of the job, or null
@@ -23,11 +31,23 @@ Manifest format, version 1 (JSON object)::
     job_files       sizes in bytes of the job's stdout and stderr logs at the dump
     files           [{"path", "size", "sha256"}] for every image file
 
-Version rule: a reader accepts exactly the format versions it supports (here: 1)
-and rejects any other with an error that names the version, because a newer
-format may change what a field means. Every listed file is checked for size
-and sha256 before a restore; a file in the directory that the manifest does not
-list is ignored, except that it is never restored from.
+Format 1 keeps the image files themselves in the checkpoint directory. It is
+written when deduplication is off. Format 2 adds::
+
+    chunk_bytes     size of every chunk but the last of a file, in bytes
+    compression     "zstd" or "none": how this checkpoint wrote its new chunks
+    stored_bytes    bytes of the chunk files this checkpoint added
+    files[].chunks  sha256 digests of the file's chunks, in file order
+
+and keeps only the manifest in the checkpoint directory. Each chunk's file
+says how it is stored (a `.zst` suffix for zstd), so chunks written under
+another compression setting are read as well.
+
+Version rule: a reader accepts exactly the format versions it supports (here:
+1 and 2) and rejects any other with an error that names the version, because
+a newer format may change what a field means. A writer writes the lowest
+version that can hold what it stores. Before a restore every chunk is checked
+against its name and every file against its size and sha256.
 """
 
 from __future__ import annotations
@@ -37,20 +57,36 @@ import dataclasses
 import hashlib
 import json
 import os
+import logging
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from checker.errors import CorruptCheckpointError
+from checker.store.chunks import CHUNK_BYTES, ChunkDirectory, ChunkedImage, FollowedFile, ImageChunker, close_followed, fsync_path, iterate_chunks, list_page_images
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "checker-checkpoint"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+PLAIN_FORMAT_VERSION = 1
+CHUNKED_FORMAT_VERSION = 2
+FORMAT_VERSION = CHUNKED_FORMAT_VERSION
+SUPPORTED_FORMAT_VERSIONS = frozenset({PLAIN_FORMAT_VERSION, CHUNKED_FORMAT_VERSION})
 HASH_BLOCK_BYTES = 4 << 20
+CHUNKS_DIR = "chunks"
+PARTIAL_SUFFIX = ".partial"
+RESTORE_SUFFIX = ".restore"
+DELETING_SUFFIX = ".deleting"
+DELETING_JOB_PREFIX = ".deleting-"
+PAUSE_ENV = "CHECKER_TEST_PAUSE_AT"
+"""Test hook: names a pause point (see `pause_point`) where the server stops for a while."""
+PAUSE_SECONDS = 60.0
 
 # Files in an image directory that are not part of the image itself.
 NOT_IMAGE_FILES = frozenset({MANIFEST_NAME, MANIFEST_NAME + ".tmp"})
@@ -62,6 +98,8 @@ class ManifestFile:
     size: int
     """Size in bytes."""
     sha256: str
+    chunks: tuple[str, ...] | None = None
+    """sha256 digests of the file's chunks in file order (format 2); None in format 1."""
 
 
 @dataclass(frozen=True)
@@ -77,12 +115,36 @@ class Manifest:
     job_files: dict[str, int]
     files: tuple[ManifestFile, ...]
     format_version: int = FORMAT_VERSION
+    chunk_bytes: int | None = None
+    """Size of every chunk but a file's last one, in bytes (format 2)."""
+    compression: str | None = None
+    """"zstd" or "none": how this checkpoint wrote its new chunks (format 2)."""
+    stored_bytes: int | None = None
+    """Bytes of the chunk files this checkpoint added (format 2)."""
 
     @property
     def image_bytes(self) -> int:
         return sum(entry.size for entry in self.files)
 
+    @property
+    def chunked(self) -> bool:
+        return self.format_version == CHUNKED_FORMAT_VERSION
+
+    def chunk_digests(self) -> set[str]:
+        return {digest for entry in self.files for digest in entry.chunks or ()}
+
     def to_json(self) -> dict:
+        if self.chunked:
+            return {
+                **self._common_json(),
+                "chunk_bytes": self.chunk_bytes,
+                "compression": self.compression,
+                "stored_bytes": self.stored_bytes,
+                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "chunks": list(f.chunks or ())} for f in self.files],
+            }
+        return {**self._common_json(), "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files]}
+
+    def _common_json(self) -> dict:
         return {
             "format": MANIFEST_FORMAT,
             "format_version": self.format_version,
@@ -93,7 +155,6 @@ class Manifest:
             "criu_version": self.criu_version,
             "created_at": self.created_at,
             "job_files": self.job_files,
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
         }
 
 
@@ -114,8 +175,12 @@ def parse_manifest(text: str, where: str) -> Manifest:
         )
 
     try:
-        files = tuple(ManifestFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"])
-        return Manifest(
+        chunked = version == CHUNKED_FORMAT_VERSION
+        files = tuple(
+            ManifestFile(str(f["path"]), int(f["size"]), str(f["sha256"]), tuple(str(c) for c in f["chunks"]) if chunked else None)
+            for f in data["files"]
+        )
+        manifest = Manifest(
             job_id=str(data["job_id"]),
             checkpoint=int(data["checkpoint"]),
             parent=None if data.get("parent") is None else int(data["parent"]),
@@ -125,9 +190,61 @@ def parse_manifest(text: str, where: str) -> Manifest:
             job_files={str(k): int(v) for k, v in data.get("job_files", {}).items()},
             files=files,
             format_version=version,
+            chunk_bytes=int(data["chunk_bytes"]) if chunked else None,
+            compression=str(data["compression"]) if chunked else None,
+            stored_bytes=int(data["stored_bytes"]) if chunked else None,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptCheckpointError(f"manifest {where} is missing or has an invalid field: {error!r}") from error
+    if manifest.chunked:
+        check_chunk_counts(manifest, where)
+    return manifest
+
+
+def check_chunk_counts(manifest: Manifest, where: str) -> None:
+    """Reject a format-2 manifest whose chunk lists cannot cover its file sizes."""
+    chunk_bytes = manifest.chunk_bytes or 0
+    if chunk_bytes <= 0 or chunk_bytes % 4096:
+        raise CorruptCheckpointError(f"manifest {where} has chunk_bytes {chunk_bytes}; expected a positive multiple of 4096")
+    for entry in manifest.files:
+        expected = -(-entry.size // chunk_bytes)
+        if len(entry.chunks or ()) != expected:
+            raise CorruptCheckpointError(
+                f"manifest {where} lists {len(entry.chunks or ())} chunks for {entry.path} of {entry.size} bytes; expected {expected}"
+            )
+
+
+def referenced_chunks(text: str) -> set[str] | None:
+    """Return every chunk digest that a manifest's text lists, whatever its version; None when it is not JSON.
+
+    Garbage collection keeps these chunks. It reads the chunk lists of
+    manifests it cannot fully parse too, so that a manifest of a newer format
+    never has its chunks deleted by an older server.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    found: set[str] = set()
+    files = data.get("files") if isinstance(data, dict) else None
+    for entry in files if isinstance(files, list) else []:
+        chunks = entry.get("chunks") if isinstance(entry, dict) else None
+        if isinstance(chunks, list):
+            found.update(str(digest) for digest in chunks)
+    return found
+
+
+def pause_point(name: str, root: Path) -> None:
+    """Stop here for PAUSE_SECONDS when $CHECKER_TEST_PAUSE_AT names this point; for crash tests.
+
+    The pause creates `<root>/paused-at-<name>` first, so a test knows when to
+    SIGKILL the server.
+    """
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    (root / f"paused-at-{name}").touch()
+    logger.warning("pausing %.0f s at %s, as %s asks", PAUSE_SECONDS, name, PAUSE_ENV)
+    time.sleep(PAUSE_SECONDS)
 
 
 def hash_file(path: Path) -> tuple[int, str]:
@@ -158,14 +275,13 @@ class StreamingImageHasher:
     written out of order is caught rather than restored.
     """
 
-    FOLLOWED_PREFIX = "pages-"
     READ_BYTES = 8 << 20
     POLL_SECONDS = 0.005
 
     def __init__(self, directory: Path, fsync: bool) -> None:
         self.directory = directory
         self.fsync = fsync
-        self._files: dict[str, _FollowedFile] = {}
+        self._files: dict[str, FollowedFile] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name=f"hash-{directory.name}", daemon=True)
 
@@ -201,17 +317,10 @@ class StreamingImageHasher:
     def _read_available(self) -> bool:
         """Read and hash every followed file up to its current end; return whether anything was read."""
         progressed = False
-        try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return False
-
-        for entry in entries:
-            if not (entry.name.startswith(self.FOLLOWED_PREFIX) and entry.name.endswith(".img")):
-                continue
+        for entry in list_page_images(self.directory):
             followed = self._files.get(entry.name)
             if followed is None:
-                followed = self._files[entry.name] = _FollowedFile(os.open(entry.path, os.O_RDONLY))
+                followed = self._files[entry.name] = FollowedFile(os.open(entry.path, os.O_RDONLY))
             while block := os.read(followed.fd, self.READ_BYTES):
                 if self.fsync:
                     start_writeback(followed.fd, followed.size, len(block))
@@ -223,17 +332,6 @@ class StreamingImageHasher:
         for followed in self._files.values():
             os.close(followed.fd)
         self._files = {}
-
-
-class _FollowedFile:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def add(self, block: bytes) -> None:
-        self.digest.update(block)
-        self.size += len(block)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -250,33 +348,54 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class GarbageCollected:
+    checkpoints: int
+    """Checkpoint directories deleted."""
+    chunks: int
+    """Chunk files deleted."""
+    chunk_bytes: int
+    """Bytes of the chunk files deleted."""
 
 
 class LocalCheckpointStore:
-    """Checkpoint images in a local directory."""
+    """Checkpoint images in a local directory, as chunks (format 2) or plain files (format 1, deduplication off)."""
 
-    def __init__(self, root: Path, fsync: bool = True, hash_threads: int = 4) -> None:
+    def __init__(
+        self, root: Path, fsync: bool = True, hash_threads: int = 4, compression_level: int | None = 1, dedupe: bool = True
+    ) -> None:
         self.root = root
         self.fsync = fsync
+        self.compression_level = compression_level
+        """zstd level of new chunks; None writes them uncompressed."""
+        self.dedupe = dedupe
+        """Write format 2 (chunks shared by a job's checkpoints); False writes format 1 (plain image files)."""
+        self._threads = hash_threads
         self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="checkpoint-hash")
+        self._guard = threading.Lock()
+        self._job_locks: dict[str, threading.Lock] = {}
+        self._pins: dict[tuple[str, int], int] = {}
         root.mkdir(parents=True, exist_ok=True)
 
     def location(self, job_id: str, number: int) -> Path:
         return self.root / job_id / str(number)
 
+    def chunk_directory(self, job_id: str) -> ChunkDirectory:
+        return ChunkDirectory(self.root / job_id / CHUNKS_DIR, self.compression_level, self.fsync)
+
     def begin(self, job_id: str, number: int) -> Path:
         """Create an empty staging directory for checkpoint `number`, replacing a stale one."""
-        staging = self.root / job_id / f"{number}.partial"
+        staging = self.root / job_id / f"{number}{PARTIAL_SUFFIX}"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         return staging
+
+    def image_writer(self, job_id: str, staging: Path) -> "ImageChunker | StreamingImageHasher":
+        """Return what follows CRIU's writes into `staging`: a chunker (format 2) or a hasher (format 1). Call `start()` on it."""
+        if self.dedupe:
+            return ImageChunker(staging, self.chunk_directory(job_id), self._pool, max_pending_chunks=4 * self._threads)
+        return StreamingImageHasher(staging, self.fsync)
 
     def commit(
         self,
@@ -288,31 +407,23 @@ class LocalCheckpointStore:
         runtime: str,
         criu_version: str,
         job_files: dict[str, int],
-        hashed_already: dict[str, tuple[int, str]] | None = None,
+        writer: "ImageChunker | StreamingImageHasher | None" = None,
     ) -> Manifest:
-        """Hash the staged image, write its manifest last, and move it into place.
+        """Store the staged image, write its manifest last, and move it into place.
 
-        `hashed_already` holds (size, sha256) of files that a StreamingImageHasher
-        hashed and flushed during the dump; a file whose size differs is hashed again.
+        `writer` is the started result of `image_writer`, which has followed
+        the dump; without one, the image is read and stored here.
         """
-        image_paths = sorted(p for p in staging.iterdir() if p.is_file() and p.name not in NOT_IMAGE_FILES)
-        known = hashed_already or {}
-        pending = [p for p in image_paths if p.name not in known or known[p.name][0] != p.stat().st_size]
-        fresh = dict(zip((p.name for p in pending), self._pool.map(hash_file, pending)))
-        if self.fsync:
-            list(self._pool.map(fsync_path, pending))
-        hashed = [fresh.get(p.name) or known[p.name] for p in image_paths]
-
-        manifest = Manifest(
-            job_id=job_id,
-            checkpoint=number,
-            parent=parent,
-            runtime=runtime,
-            criu_version=criu_version,
-            created_at=time.time(),
-            job_files=job_files,
-            files=tuple(ManifestFile(p.name, size, digest) for p, (size, digest) in zip(image_paths, hashed)),
-        )
+        if writer is None:
+            writer = self.image_writer(job_id, staging).start()
+        common = {"job_id": job_id, "checkpoint": number, "parent": parent, "runtime": runtime, "criu_version": criu_version, "job_files": job_files}
+        if isinstance(writer, ImageChunker):
+            manifest = self._chunked_manifest(writer.finish(), common)
+            for path in staging.iterdir():
+                path.unlink()  # The chunks hold the image now.
+        else:
+            manifest = self._plain_manifest(staging, writer.finish(), common)
+        pause_point("before-manifest", self.root)
         self._write_manifest(staging, manifest)
 
         final = self.location(job_id, number)
@@ -322,6 +433,29 @@ class LocalCheckpointStore:
         if self.fsync:
             fsync_path(final.parent)
         return manifest
+
+    def _chunked_manifest(self, image: ChunkedImage, common: dict) -> Manifest:
+        files = tuple(ManifestFile(name, stored.size, stored.sha256, stored.chunks) for name, stored in sorted(image.files.items()))
+        return Manifest(
+            **common,
+            created_at=time.time(),
+            files=files,
+            format_version=CHUNKED_FORMAT_VERSION,
+            chunk_bytes=CHUNK_BYTES,
+            compression="none" if self.compression_level is None else "zstd",
+            stored_bytes=image.stored_bytes,
+        )
+
+    def _plain_manifest(self, staging: Path, hashed_already: dict[str, tuple[int, str]], common: dict) -> Manifest:
+        """Hash the image files the hasher missed, flush them, and return a format-1 manifest."""
+        image_paths = sorted(p for p in staging.iterdir() if p.is_file() and p.name not in NOT_IMAGE_FILES)
+        pending = [p for p in image_paths if p.name not in hashed_already or hashed_already[p.name][0] != p.stat().st_size]
+        fresh = dict(zip((p.name for p in pending), self._pool.map(hash_file, pending)))
+        if self.fsync:
+            list(self._pool.map(fsync_path, pending))
+        hashed = [fresh.get(p.name) or hashed_already[p.name] for p in image_paths]
+        files = tuple(ManifestFile(p.name, size, digest) for p, (size, digest) in zip(image_paths, hashed))
+        return Manifest(**common, created_at=time.time(), files=files, format_version=PLAIN_FORMAT_VERSION)
 
     def _write_manifest(self, directory: Path, manifest: Manifest) -> None:
         temporary = directory / (MANIFEST_NAME + ".tmp")
@@ -351,18 +485,20 @@ class LocalCheckpointStore:
     def copy(self, source_job_id: str, number: int, target_job_id: str) -> Manifest:
         """Copy checkpoint `number` of one job into another job's checkpoints, under the same number.
 
-        Image files are hard-linked where the file system allows it, so a copy
-        costs no space. The manifest is rewritten for the target job and, as
-        in `commit`, written last.
+        Image files and chunks are hard-linked where the file system allows
+        it, so a copy costs no space, and the target keeps them when the
+        source's are deleted. The manifest is rewritten for the target job
+        and, as in `commit`, written last.
         """
-        manifest = self.read_manifest(source_job_id, number)
-        source = self.location(source_job_id, number)
-        staging = self.begin(target_job_id, number)
-        for entry in manifest.files:
-            try:
-                os.link(source / entry.path, staging / entry.path)
-            except OSError:
-                shutil.copy2(source / entry.path, staging / entry.path)
+        with self.pinned(source_job_id, number), self._job_lock(source_job_id):
+            manifest = self.read_manifest(source_job_id, number)
+            staging = self.begin(target_job_id, number)
+            if manifest.chunked:
+                self._link_chunks(manifest, source_job_id, target_job_id)
+            else:
+                source = self.location(source_job_id, number)
+                for entry in manifest.files:
+                    link_or_copy(source / entry.path, staging / entry.path)
 
         copied = dataclasses.replace(manifest, job_id=target_job_id)
         self._write_manifest(staging, copied)
@@ -371,46 +507,232 @@ class LocalCheckpointStore:
             fsync_path(self.location(target_job_id, number).parent)
         return copied
 
-    def hasher_for(self, staging: Path) -> StreamingImageHasher:
-        return StreamingImageHasher(staging, self.fsync)
+    def _link_chunks(self, manifest: Manifest, source_job_id: str, target_job_id: str) -> None:
+        source, target = self.chunk_directory(source_job_id), self.chunk_directory(target_job_id)
+        target.path.mkdir(parents=True, exist_ok=True)
+        where = f"checkpoint {manifest.checkpoint} of job {source_job_id}"
+        for digest in sorted(manifest.chunk_digests()):
+            stored = source.stored_path(digest)
+            if stored is None:
+                raise CorruptCheckpointError(f"{where}: chunk {digest} is missing from {source.path}")
+            if not (target.path / stored.name).exists():
+                link_or_copy(stored, target.path / stored.name)
+        if self.fsync:
+            fsync_path(target.path)
 
     def verify(self, job_id: str, number: int) -> Manifest:
-        """Check every image file against the manifest; raise CorruptCheckpointError naming the first bad file."""
+        """Check every chunk against its name and every image file against its size and sha256.
+
+        Raises CorruptCheckpointError naming the first bad file or chunk.
+        """
         manifest = self.read_manifest(job_id, number)
-        directory = self.location(job_id, number)
-        paths = [directory / entry.path for entry in manifest.files]
+        if not manifest.chunked:
+            self.verify_files(manifest, self.location(job_id, number))
+            return manifest
 
-        for entry, path in zip(manifest.files, paths):
-            if not path.is_file():
-                raise CorruptCheckpointError(f"checkpoint {number} of job {job_id} is missing image file {entry.path}")
-            actual_size = path.stat().st_size
-            if actual_size != entry.size:
-                raise CorruptCheckpointError(
-                    f"checkpoint {number} of job {job_id}: image file {entry.path} has {actual_size} bytes, but the manifest records {entry.size}"
-                )
-
-        for entry, (_, digest) in zip(manifest.files, self._pool.map(hash_file, paths)):
-            if digest != entry.sha256:
-                raise CorruptCheckpointError(f"checkpoint {number} of job {job_id}: image file {entry.path} fails its sha256 check")
+        chunks = self.chunk_directory(job_id)
+        for entry in manifest.files:
+            where = f"checkpoint {number} of job {job_id}, image file {entry.path}"
+            digest = hashlib.sha256()
+            size = 0
+            for data in iterate_chunks(chunks, entry.chunks or (), self._pool, where):
+                digest.update(data)
+                size += len(data)
+            self._check_file(manifest, entry, size, digest.hexdigest())
         return manifest
 
-    def delete(self, job_id: str, number: int) -> None:
-        """Delete one checkpoint: its manifest first, so a crash midway leaves no valid-looking remains."""
-        directory = self.location(job_id, number)
-        (directory / MANIFEST_NAME).unlink(missing_ok=True)
-        shutil.rmtree(directory, ignore_errors=True)
+    def verify_files(self, manifest: Manifest, directory: Path) -> None:
+        """Check the image files in `directory` against the manifest's sizes and sha256 digests."""
+        paths = [directory / entry.path for entry in manifest.files]
+        for entry, path in zip(manifest.files, paths):
+            if not path.is_file():
+                raise CorruptCheckpointError(f"checkpoint {manifest.checkpoint} of job {manifest.job_id} is missing image file {entry.path}")
+            self._check_size(manifest, entry, path.stat().st_size)
+        for entry, (size, digest) in zip(manifest.files, self._pool.map(hash_file, paths)):
+            self._check_file(manifest, entry, size, digest)
 
-    def delete_job(self, job_id: str) -> None:
-        shutil.rmtree(self.root / job_id, ignore_errors=True)
+    @staticmethod
+    def _check_size(manifest: Manifest, entry: ManifestFile, size: int) -> None:
+        if size != entry.size:
+            raise CorruptCheckpointError(
+                f"checkpoint {manifest.checkpoint} of job {manifest.job_id}: image file {entry.path} has {size} bytes, but the manifest records {entry.size}"
+            )
+
+    def _check_file(self, manifest: Manifest, entry: ManifestFile, size: int, digest: str) -> None:
+        self._check_size(manifest, entry, size)
+        if digest != entry.sha256:
+            raise CorruptCheckpointError(f"checkpoint {manifest.checkpoint} of job {manifest.job_id}: image file {entry.path} fails its sha256 check")
+
+    def prepare_restore(self, manifest: Manifest) -> Path:
+        """Return a directory of the image files for `criu restore`; release it with `release_restore`.
+
+        A format-2 image is rebuilt from its chunks into `<number>.restore/`,
+        decompressing in the thread pool; every chunk is checked against its
+        name on the way. The whole files are not checked here: run
+        `verify_files` on the result, which can overlap with the restore.
+        """
+        if not manifest.chunked:
+            return self.location(manifest.job_id, manifest.checkpoint)
+        directory = self.root / manifest.job_id / f"{manifest.checkpoint}{RESTORE_SUFFIX}"
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir()
+        try:
+            self._rebuild_files(manifest, directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return directory
+
+    def _rebuild_files(self, manifest: Manifest, directory: Path) -> None:
+        chunks = self.chunk_directory(manifest.job_id)
+        chunk_bytes = manifest.chunk_bytes or CHUNK_BYTES
+        descriptors = []
+        try:
+            tasks = []
+            for entry in manifest.files:
+                fd = os.open(directory / entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                descriptors.append(fd)
+                os.ftruncate(fd, entry.size)
+                where = f"checkpoint {manifest.checkpoint} of job {manifest.job_id}, image file {entry.path}"
+                tasks.extend((fd, index * chunk_bytes, digest, where) for index, digest in enumerate(entry.chunks or ()))
+
+            def write_chunk(task: tuple[int, int, str, str]) -> None:
+                fd, offset, digest, where = task
+                data = chunks.read(digest, where)
+                write_at(fd, data, offset)
+
+            for _ in self._pool.map(write_chunk, tasks):
+                pass
+        finally:
+            for fd in descriptors:
+                os.close(fd)
+
+    def release_restore(self, manifest: Manifest, directory: Path) -> None:
+        if manifest.chunked:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def stored_bytes_of(self, manifest: Manifest) -> int:
+        """Bytes of the chunk files the checkpoint references, each counted once; its size without sharing."""
+        if not manifest.chunked:
+            directory = self.location(manifest.job_id, manifest.checkpoint)
+            return sum((directory / entry.path).stat().st_size for entry in manifest.files if (directory / entry.path).exists())
+        chunks = self.chunk_directory(manifest.job_id)
+        return sum(size for digest in manifest.chunk_digests() if (size := chunks.stored_size(digest)) is not None)
+
+    # Pins, deletion and garbage collection
+
+    @contextmanager
+    def pinned(self, job_id: str, number: int) -> Iterator[None]:
+        """Keep checkpoint `number` from deletion while a fork or restore reads it."""
+        key = (job_id, number)
+        with self._guard:
+            self._pins[key] = self._pins.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+
+    def is_pinned(self, job_id: str, number: int | None = None) -> bool:
+        """Return whether checkpoint `number` (any checkpoint of the job when None) is pinned."""
+        with self._guard:
+            return any(job == job_id and (number is None or pinned == number) for job, pinned in self._pins)
+
+    def _job_lock(self, job_id: str) -> threading.Lock:
+        with self._guard:
+            return self._job_locks.setdefault(job_id, threading.Lock())
+
+    def delete(self, job_id: str, number: int) -> None:
+        """Delete one checkpoint directory; its chunks go at the next `collect_garbage`.
+
+        The directory is renamed first, so a crash midway leaves no
+        valid-looking remains.
+        """
+        directory = self.location(job_id, number)
+        doomed = directory.with_name(f"{number}{DELETING_SUFFIX}")
+        try:
+            os.rename(directory, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def collect_garbage(self, job_id: str) -> GarbageCollected:
+        """Delete the chunks of job `job_id` that no manifest in its directory lists.
+
+        Call it only while no checkpoint of the job is being written. Every
+        manifest that is JSON counts, whatever its status or version; a
+        manifest that is not JSON cannot be restored from, so it keeps nothing.
+        """
+        with self._job_lock(job_id):
+            job_dir = self.root / job_id
+            referenced: set[str] = set()
+            for manifest_path in job_dir.glob(f"*/{MANIFEST_NAME}"):
+                if not manifest_path.parent.name.isdigit():
+                    continue
+                listed = referenced_chunks(manifest_path.read_text())
+                if listed is None:
+                    logger.warning("job %s: %s is not JSON; its chunks are not kept", job_id, manifest_path)
+                    continue
+                referenced |= listed
+            pause_point("chunk-sweep", self.root)
+            files, size = self.chunk_directory(job_id).sweep(referenced)
+        if files:
+            logger.info("job %s: deleted %d unreferenced chunk(s), %.1f MB", job_id, files, size / 1e6)
+        return GarbageCollected(checkpoints=0, chunks=files, chunk_bytes=size)
+
+    def delete_job(self, job_id: str) -> bool:
+        """Delete every checkpoint and chunk of a job; return whether there was anything to delete."""
+        with self._job_lock(job_id):
+            doomed = self.root / f"{DELETING_JOB_PREFIX}{job_id}"
+            try:
+                os.rename(self.root / job_id, doomed)
+            except FileNotFoundError:
+                return False
+            shutil.rmtree(doomed, ignore_errors=True)
+            return True
+
+    def has_job(self, job_id: str) -> bool:
+        return (self.root / job_id).is_dir()
+
+    def checkpoint_numbers(self, job_id: str) -> list[int]:
+        """Numbers of the job's checkpoint directories, complete or not."""
+        try:
+            return sorted(int(p.name) for p in (self.root / job_id).iterdir() if p.name.isdigit())
+        except FileNotFoundError:
+            return []
 
     def remove_partial(self) -> list[Path]:
-        """Delete staging directories left by a crash; return what was removed."""
+        """Delete what a crash left: staging, restore and deleting directories, then unreferenced chunks; return the directories removed.
+
+        Call it at startup, before any checkpoint is written.
+        """
         removed = []
-        for staging in self.root.glob("*/*.partial"):
-            shutil.rmtree(staging, ignore_errors=True)
-            removed.append(staging)
+        leftovers = [*self.root.glob(f"*/*{PARTIAL_SUFFIX}"), *self.root.glob(f"*/*{RESTORE_SUFFIX}"), *self.root.glob(f"*/*{DELETING_SUFFIX}")]
+        leftovers += self.root.glob(f"{DELETING_JOB_PREFIX}*")
+        for leftover in leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+        for chunks in self.root.glob(f"*/{CHUNKS_DIR}"):
+            self.collect_garbage(chunks.parent.name)
         return removed
 
     def size_on_disk(self, job_id: str, number: int) -> int:
         directory = self.location(job_id, number)
         return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

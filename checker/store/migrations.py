@@ -138,6 +138,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE jobs ADD COLUMN next_attempt_at DOUBLE PRECISION",
         "ALTER TABLE jobs ADD COLUMN attempt_errors TEXT",
     ]),
+    Migration(4, "stored bytes of checkpoints", lambda dialect: ["ALTER TABLE checkpoints ADD COLUMN stored_bytes BIGINT"]),
 )
 
 

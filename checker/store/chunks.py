@@ -1,0 +1,349 @@
+"""Content-addressed, zstd-compressed chunks of checkpoint images, shared by a job's checkpoints.
+
+Layout of one job's chunk directory::
+
+    chunks/<sha256>.zst     a chunk compressed with zstd (one zstd frame)
+    chunks/<sha256>         a chunk stored as is (compression off when it was written)
+    chunks/<name>.tmp       a chunk being written; deleted by the next sweep
+
+A chunk's name is the sha256 hex digest of its uncompressed bytes, so equal
+chunks of different checkpoints (or of one image) are stored once, and a
+reader checks every chunk against its name. A chunk appears under its name
+only by a rename after its bytes are written (and flushed, with fsync on), so
+a crash never leaves a half-written chunk under a valid name.
+
+Image files are cut at fixed offsets, every CHUNK_BYTES (a multiple of the
+4 KiB page size), so a page that did not change between two checkpoints
+lands in a chunk with the same bytes, as long as the pages before it in the
+file stayed where they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from checker.errors import CorruptCheckpointError
+
+CHUNK_BYTES = 1 << 20
+"""Chunk size in bytes. 1 MiB keeps a 1 GiB image at about 1000 chunk files."""
+
+ZSTD_SUFFIX = ".zst"
+TEMPORARY_SUFFIX = ".tmp"
+MAX_ZSTD_LEVEL = 22
+VERIFY_WINDOW_CHUNKS = 16
+"""Chunks decompressed ahead of the sequential sha256 of a file during verification."""
+
+
+def is_chunk_name(name: str) -> bool:
+    digest = name.removesuffix(ZSTD_SUFFIX)
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
+class ChunkDirectory:
+    """The chunk files of one job."""
+
+    def __init__(self, path: Path, compression_level: int | None, fsync: bool) -> None:
+        self.path = path
+        self.compression_level = compression_level
+        """zstd level for chunks written from now on; None stores them uncompressed."""
+        self.fsync = fsync
+        self._local = threading.local()
+
+    def stored_path(self, digest: str) -> Path | None:
+        """Return the file of chunk `digest`, compressed or not, or None when the directory has neither."""
+        for candidate in (self.path / (digest + ZSTD_SUFFIX), self.path / digest):
+            if candidate.exists():
+                return candidate
+        return None
+
+    def put(self, digest: str, data: bytes | memoryview) -> int:
+        """Store chunk `digest` unless it exists; return the bytes written (0 for a chunk already stored)."""
+        if self.stored_path(digest) is not None:
+            return 0
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.compression_level is None:
+            encoded, name = data, digest
+        else:
+            encoded, name = self._compressor().compress(data), digest + ZSTD_SUFFIX
+
+        temporary = self.path / f"{name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_all(fd, encoded)
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self.path / name)
+        return len(encoded)
+
+    def read(self, digest: str, where: str) -> bytes:
+        """Return the uncompressed bytes of chunk `digest`; raise CorruptCheckpointError when it is missing or fails its sha256 check.
+
+        `where` names the checkpoint and file for the message.
+        """
+        path = self.stored_path(digest)
+        if path is None:
+            raise CorruptCheckpointError(f"{where}: chunk {digest} is missing from {self.path}")
+        with open(path, "rb") as chunk_file:
+            stored = chunk_file.read()
+        if path.name.endswith(ZSTD_SUFFIX):
+            try:
+                data = self._decompressor().decompress(stored)
+            except zstandard.ZstdError as error:
+                raise CorruptCheckpointError(f"{where}: chunk {digest} is not a valid zstd frame ({error}); it is truncated or damaged") from error
+        else:
+            data = stored
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptCheckpointError(f"{where}: chunk {digest} fails its sha256 check")
+        return data
+
+    def stored_size(self, digest: str) -> int | None:
+        path = self.stored_path(digest)
+        return None if path is None else path.stat().st_size
+
+    def sweep(self, referenced: set[str]) -> tuple[int, int]:
+        """Delete every chunk not in `referenced` and every temporary file; return (files, bytes) deleted.
+
+        Call it only while no checkpoint of the job is being written, because
+        that checkpoint's chunks are not referenced by a manifest yet.
+        """
+        removed_files = removed_bytes = 0
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return 0, 0
+        for entry in entries:
+            digest = entry.name.removesuffix(ZSTD_SUFFIX)
+            if entry.name.endswith(TEMPORARY_SUFFIX) or (is_chunk_name(entry.name) and digest not in referenced):
+                size = entry.stat().st_size
+                os.unlink(entry.path)
+                removed_files += 1
+                removed_bytes += size
+        if removed_files and self.fsync:
+            fsync_path(self.path)
+        return removed_files, removed_bytes
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        # A ZstdCompressor must not be shared between threads.
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.compression_level)
+        return compressor
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        decompressor = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
+        return decompressor
+
+
+def list_page_images(directory: Path) -> list[os.DirEntry]:
+    """Return CRIU's page images (`pages-*.img`) in `directory`; none when it is gone."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    return [entry for entry in entries if entry.name.startswith("pages-") and entry.name.endswith(".img")]
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ChunkedFile:
+    """One image file as stored: its size, sha256 and chunk digests in file order."""
+
+    size: int
+    sha256: str
+    chunks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChunkedImage:
+    files: dict[str, ChunkedFile]
+    """Image files by name."""
+    stored_bytes: int
+    """Bytes of the chunk files this checkpoint added; chunks that existed already cost nothing."""
+
+
+class ImageChunker:
+    """Split CRIU's image files into chunks and store them, starting while CRIU still writes the page images.
+
+    The page images hold nearly all of a checkpoint's bytes. A thread follows
+    each `pages-*.img` as it grows and hands every complete chunk to a thread
+    pool, which hashes it and compresses and writes it when it is new; the
+    thread itself keeps the sha256 of the whole file. CRIU writes each page
+    image sequentially, and the kernel raises a file's size only after the
+    data before it is in place, so reading up to the current size sees final
+    bytes. `finish()` reads the rest, and every other image file, after the dump.
+
+    NOTE: a file that CRIU rewrote in place after this chunker read that part
+    would be stored with its old bytes, and the restore would not notice.
+    CRIU 4.2.1 writes page images only by appending, so this does not happen.
+    """
+
+    POLL_SECONDS = 0.005
+
+    def __init__(self, staging: Path, chunks: ChunkDirectory, pool: ThreadPoolExecutor, max_pending_chunks: int) -> None:
+        self.staging = staging
+        self.chunks = chunks
+        self._pool = pool
+        self._window = threading.BoundedSemaphore(max_pending_chunks)
+        self._files: dict[str, _ChunkingFile] = {}
+        self._claimed: set[str] = set()
+        self._claimed_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._follow, name=f"chunk-{staging.name}", daemon=True)
+
+    def start(self) -> "ImageChunker":
+        self._thread.start()
+        return self
+
+    def finish(self) -> ChunkedImage:
+        """Stop following, chunk what remains and every other image file, and return what was stored."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            if self._error is not None:
+                raise self._error
+            for name in sorted(os.listdir(self.staging)):
+                if (self.staging / name).is_file() and name not in self._files and is_image_file(name):
+                    self._files[name] = _ChunkingFile(os.open(self.staging / name, os.O_RDONLY))
+            for followed in self._files.values():
+                self._read_chunks(followed, final=True)
+
+            files = {name: followed.result() for name, followed in sorted(self._files.items())}
+            stored = sum(f.result()[1] for followed in self._files.values() for f in followed.futures)
+            if self.chunks.fsync and self.chunks.path.exists():
+                fsync_path(self.chunks.path)
+            return ChunkedImage(files=files, stored_bytes=stored)
+        finally:
+            self._close()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for followed in self._files.values():
+            for future in followed.futures:
+                future.cancel()
+        for followed in self._files.values():
+            for future in followed.futures:
+                if not future.cancelled():
+                    future.exception()
+        self._close()
+
+    def _follow(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._read_available():
+                    self._stop.wait(self.POLL_SECONDS)
+        except BaseException as error:  # Reported by finish(); the dump itself goes on.
+            self._error = error
+
+    def _read_available(self) -> bool:
+        """Chunk every complete chunk that the page images have gained; return whether any was read."""
+        progressed = False
+        for entry in list_page_images(self.staging):
+            followed = self._files.get(entry.name)
+            if followed is None:
+                followed = self._files[entry.name] = _ChunkingFile(os.open(entry.path, os.O_RDONLY))
+            progressed |= self._read_chunks(followed, final=False)
+        return progressed
+
+    def _read_chunks(self, followed: _ChunkingFile, final: bool) -> bool:
+        """Read whole chunks from the file's current offset (and the short last one when `final`)."""
+        progressed = False
+        while True:
+            available = os.fstat(followed.fd).st_size - followed.size
+            if available <= 0 or (available < CHUNK_BYTES and not final):
+                return progressed
+            data = os.pread(followed.fd, min(available, CHUNK_BYTES), followed.size)
+            if not data:
+                return progressed
+            followed.add(data)
+            self._window.acquire()
+            future = self._pool.submit(self._store_chunk, data)
+            future.add_done_callback(lambda _: self._window.release())
+            followed.futures.append(future)
+            progressed = True
+
+    def _store_chunk(self, data: bytes) -> tuple[str, int]:
+        digest = hashlib.sha256(data).hexdigest()
+        with self._claimed_lock:
+            first = digest not in self._claimed
+            self._claimed.add(digest)
+        return digest, self.chunks.put(digest, data) if first else 0
+
+    def _close(self) -> None:
+        close_followed(self._files)
+        self._files = {}
+
+
+class FollowedFile:
+    """An image file read while it grows: its descriptor, the sha256 and size of what was read so far."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def add(self, block: bytes) -> None:
+        self.digest.update(block)
+        self.size += len(block)
+
+
+def close_followed(files: dict[str, FollowedFile]) -> None:
+    for followed in files.values():
+        os.close(followed.fd)
+
+
+class _ChunkingFile(FollowedFile):
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.futures: list[Future] = []
+
+    def result(self) -> ChunkedFile:
+        return ChunkedFile(size=self.size, sha256=self.digest.hexdigest(), chunks=tuple(f.result()[0] for f in self.futures))
+
+
+# Files in an image directory that are not part of the image itself.
+NOT_IMAGE_SUFFIXES = (".tmp",)
+NOT_IMAGE_FILES = frozenset({"manifest.json"})
+
+
+def is_image_file(name: str) -> bool:
+    return name not in NOT_IMAGE_FILES and not name.endswith(NOT_IMAGE_SUFFIXES)
+
+
+def iterate_chunks(chunks: ChunkDirectory, digests: Iterable[str], pool: ThreadPoolExecutor, where: str) -> Iterator[bytes]:
+    """Yield the verified bytes of `digests` in order, decompressing up to VERIFY_WINDOW_CHUNKS ahead in `pool`."""
+    pending: list[Future] = []
+    digests = list(digests)
+    position = 0
+    while position < len(digests) or pending:
+        while position < len(digests) and len(pending) < VERIFY_WINDOW_CHUNKS:
+            pending.append(pool.submit(chunks.read, digests[position], where))
+            position += 1
+        yield pending.pop(0).result()
