@@ -6,7 +6,7 @@ import os
 import signal
 from pathlib import Path
 
-from conftest import event_kinds, spawn_script, wait_for_checkpoints, wait_for_state, wait_until
+from conftest import chunk_path, event_kinds, manifest_chunks, spawn_script, wait_for_checkpoints, wait_for_state, wait_until
 
 # A job that draws a secret before its checkpoint, then waits at a gate file.
 # The restored copy must report the same secret: it lives only in memory.
@@ -202,8 +202,8 @@ def test_corrupt_checkpoint_falls_back_to_previous(client, server, job_script, t
     job = spawn_script(client, job_script("corrupt", source), {"gate": str(gate)})
     running = wait_for_checkpoints(client, job["id"], 2)
 
-    pages = sorted((server.state_dir / "checkpoints" / job["id"] / "2").glob("pages-*.img"))[0]
-    with open(pages, "r+b") as image:
+    only_second = manifest_chunks(server.state_dir, job["id"], 2) - manifest_chunks(server.state_dir, job["id"], 1)
+    with open(chunk_path(server.state_dir, job["id"], sorted(only_second)[0]), "r+b") as image:
         byte = image.read(1)
         image.seek(0)
         image.write(bytes([byte[0] ^ 0xFF]))
@@ -218,7 +218,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(client, server, job_script, t
     assert statuses[2] == "corrupt"
     assert statuses[1] == "valid"
     corrupt_events = [e for e in client.events(job["id"]) if e["kind"] == "checkpoint_corrupt"]
-    assert "sha256" in corrupt_events[0]["message"]
+    assert "chunk" in corrupt_events[0]["message"]
 
 
 def test_kill_running_job(client, server, job_script, tmp_path: Path) -> None:

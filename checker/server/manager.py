@@ -10,16 +10,18 @@ import logging
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from checker.config import Settings
-from checker.errors import CheckerError, ErrorCode
+from checker.errors import CheckerError, CorruptCheckpointError, ErrorCode
 from checker.runtimes import Runtime
 from checker.runtimes.base import JobFiles, write_identity
 from checker.runtimes.procfs import ProcessIdentity, is_alive
 from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token, hash_token
-from checker.store.checkpoints import LocalCheckpointStore
+from checker.server import models
+from checker.store.checkpoints import LocalCheckpointStore, Manifest
 from checker.store.state import CheckpointRecord, CheckpointStatus, DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,19 @@ def split_definition_reference(reference: str, version: int | None) -> tuple[str
     if version is not None and suffix_version != version:
         raise CheckerError(ErrorCode.INVALID_REQUEST, f"definition {reference!r} and version {version} disagree; give the version once")
     return name, suffix_version
+
+
+@dataclass(frozen=True)
+class CheckpointDetails:
+    """A checkpoint's record and manifest, and the result of a verification on request."""
+
+    record: CheckpointRecord
+    manifest: Manifest | None
+    manifest_error: str | None
+    """Why the manifest could not be read; None when it was read."""
+    verification: models.VerificationOut
+    referenced_stored_bytes: int | None
+    """Bytes of all the chunk files the image uses, shared ones included."""
 
 
 def prepare_fork_files(source: JobFiles, fork: JobFiles, log_sizes: dict[str, int]) -> None:
@@ -307,6 +322,42 @@ class JobManager:
                 return checkpoint
         numbers = ", ".join(str(checkpoint.number) for checkpoint in valid) or "none"
         raise CheckerError(ErrorCode.NOT_FOUND, f"job {source.id} has no valid checkpoint {number}; its valid checkpoints: {numbers}")
+
+    async def checkpoint_details(self, job_id: str, number: int, verify: bool) -> CheckpointDetails:
+        """Describe checkpoint `number` of a job from its record and manifest, verifying its image when `verify` is set."""
+        self.get_job(job_id)
+        records = self.state.list_checkpoints(job_id)
+        record = next((c for c in records if c.number == number), None)
+        if record is None:
+            numbers = ", ".join(str(c.number) for c in records) or "none"
+            raise CheckerError(ErrorCode.NOT_FOUND, f"job {job_id} has no checkpoint {number}; its checkpoints: {numbers}")
+
+        store = self.context.checkpoints
+        manifest, manifest_error = None, None
+        if record.status == CheckpointStatus.DELETED:
+            manifest_error = f"checkpoint {number} of job {job_id} was deleted"
+        else:
+            try:
+                manifest = store.read_manifest(job_id, number)
+            except CorruptCheckpointError as error:
+                manifest_error = error.message
+
+        verification = models.VerificationOut(status="not_requested")
+        if verify:
+            verification = await self._verify_checkpoint(job_id, number, manifest_error)
+        return CheckpointDetails(record, manifest, manifest_error, verification, store.stored_bytes_of(manifest) if manifest else None)
+
+    async def _verify_checkpoint(self, job_id: str, number: int, manifest_error: str | None) -> models.VerificationOut:
+        if manifest_error is not None:
+            return models.VerificationOut(status="failed", message=manifest_error)
+        started = time.monotonic()
+        try:
+            with self.context.checkpoints.pinned(job_id, number):
+                await asyncio.to_thread(self.context.checkpoints.verify, job_id, number)
+        except CorruptCheckpointError as error:
+            logger.warning("verification on request: %s", error.message)
+            return models.VerificationOut(status="failed", message=error.message, seconds=time.monotonic() - started)
+        return models.VerificationOut(status="passed", seconds=time.monotonic() - started)
 
     @staticmethod
     def _check_idempotent_match(existing: JobRecord, digest: str, key: str) -> JobRecord:

@@ -615,6 +615,7 @@ class JobRunner:
             manifest = store.read_manifest(self.job_id, checkpoint.number)
             self._rewind_logs(manifest.job_files)
             image_dir = await asyncio.to_thread(store.prepare_restore, manifest)
+            rebuild_seconds = time.monotonic() - started
             try:
                 process = await self._restore_verified(checkpoint, manifest, image_dir)
             finally:
@@ -630,7 +631,14 @@ class JobRunner:
             event=(
                 "restored",
                 message,
-                {"checkpoint": checkpoint.number, "restore": restore_number, "seconds": seconds, "pid": self.process.pid, "log_sizes": manifest.job_files},
+                {
+                    "checkpoint": checkpoint.number,
+                    "restore": restore_number,
+                    "seconds": seconds,
+                    "rebuild_seconds": rebuild_seconds,
+                    "pid": self.process.pid,
+                    "log_sizes": manifest.job_files,
+                },
             ),
             state=JobState.RUNNING,
             pid=self.process.pid,

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checker.errors import CorruptCheckpointError
-from checker.store.chunks import CHUNK_BYTES, ChunkDirectory, ChunkedImage, FollowedFile, ImageChunker, close_followed, fsync_path, iterate_chunks, list_page_images
+from checker.store.chunks import CHUNK_BYTES, ChunkDirectory, ChunkedImage, FollowedFile, ImageChunker, close_followed, fsync_path, iterate_chunks, list_page_images, pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,6 @@ PARTIAL_SUFFIX = ".partial"
 RESTORE_SUFFIX = ".restore"
 DELETING_SUFFIX = ".deleting"
 DELETING_JOB_PREFIX = ".deleting-"
-PAUSE_ENV = "CHECKER_TEST_PAUSE_AT"
-"""Test hook: names a pause point (see `pause_point`) where the server stops for a while."""
-PAUSE_SECONDS = 60.0
 
 # Files in an image directory that are not part of the image itself.
 NOT_IMAGE_FILES = frozenset({MANIFEST_NAME, MANIFEST_NAME + ".tmp"})
@@ -232,19 +229,6 @@ def referenced_chunks(text: str) -> set[str] | None:
         if isinstance(chunks, list):
             found.update(str(digest) for digest in chunks)
     return found
-
-
-def pause_point(name: str, root: Path) -> None:
-    """Stop here for PAUSE_SECONDS when $CHECKER_TEST_PAUSE_AT names this point; for crash tests.
-
-    The pause creates `<root>/paused-at-<name>` first, so a test knows when to
-    SIGKILL the server.
-    """
-    if os.environ.get(PAUSE_ENV) != name:
-        return
-    (root / f"paused-at-{name}").touch()
-    logger.warning("pausing %.0f s at %s, as %s asks", PAUSE_SECONDS, name, PAUSE_ENV)
-    time.sleep(PAUSE_SECONDS)
 
 
 def hash_file(path: Path) -> tuple[int, str]:
@@ -677,7 +661,6 @@ class LocalCheckpointStore:
                     logger.warning("job %s: %s is not JSON; its chunks are not kept", job_id, manifest_path)
                     continue
                 referenced |= listed
-            pause_point("chunk-sweep", self.root)
             files, size = self.chunk_directory(job_id).sweep(referenced)
         if files:
             logger.info("job %s: deleted %d unreferenced chunk(s), %.1f MB", job_id, files, size / 1e6)

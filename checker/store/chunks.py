@@ -21,9 +21,11 @@ file stayed where they were.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,12 +35,17 @@ import zstandard
 
 from checker.errors import CorruptCheckpointError
 
+logger = logging.getLogger(__name__)
+
 CHUNK_BYTES = 1 << 20
 """Chunk size in bytes. 1 MiB keeps a 1 GiB image at about 1000 chunk files."""
 
 ZSTD_SUFFIX = ".zst"
 TEMPORARY_SUFFIX = ".tmp"
 MAX_ZSTD_LEVEL = 22
+PAUSE_ENV = "CHECKER_TEST_PAUSE_AT"
+"""Test hook: names a pause point (see `pause_point`) where the server stops for a while."""
+PAUSE_SECONDS = 60.0
 VERIFY_WINDOW_CHUNKS = 16
 """Chunks decompressed ahead of the sequential sha256 of a file during verification."""
 
@@ -129,6 +136,8 @@ class ChunkDirectory:
                 os.unlink(entry.path)
                 removed_files += 1
                 removed_bytes += size
+                if removed_files == 1:
+                    pause_point("chunk-sweep", self.path.parent.parent)
         if removed_files and self.fsync:
             fsync_path(self.path)
         return removed_files, removed_bytes
@@ -145,6 +154,19 @@ class ChunkDirectory:
         if decompressor is None:
             decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
         return decompressor
+
+
+def pause_point(name: str, root: Path) -> None:
+    """Stop here for PAUSE_SECONDS when $CHECKER_TEST_PAUSE_AT names this point; for crash tests.
+
+    The pause creates `<root>/paused-at-<name>` first, so a test knows when to
+    SIGKILL the server.
+    """
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    (root / f"paused-at-{name}").touch()
+    logger.warning("pausing %.0f s at %s, as %s requests", PAUSE_SECONDS, name, PAUSE_ENV)
+    time.sleep(PAUSE_SECONDS)
 
 
 def list_page_images(directory: Path) -> list[os.DirEntry]:
