@@ -49,7 +49,7 @@ class CheckpointDetails:
     record: CheckpointRecord
     manifest: Manifest | None
     manifest_error: str | None
-    """Why the manifest could not be read; None when it was read."""
+    """Error message of a manifest that could not be read; None when it was read."""
     verification: models.VerificationOut
     referenced_stored_bytes: int | None
     """Bytes of all the chunk files the image uses, shared ones included."""

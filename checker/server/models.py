@@ -185,7 +185,7 @@ class CheckpointDetailOut(CheckpointOut):
     chunk_count: int | None = Field(description="Distinct chunks the image uses.")
     referenced_stored_bytes: int | None = Field(description="Bytes of all the chunk files the image uses, shared ones included.")
     files: list[CheckpointFileOut]
-    manifest_error: str | None = Field(description="Why the manifest could not be read, if it could not.")
+    manifest_error: str | None = Field(description="Error message of a manifest that could not be read; null when it was read.")
     verification: VerificationOut
 
 
