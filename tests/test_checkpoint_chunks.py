@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, ServerProcess, chunk_path, free_port, kill_jobs_of, manifest_chunks, spawn_script, wait_for_checkpoints, wait_for_state, wait_until
+from conftest import REPO_ROOT, ServerProcess, chunk_path, event_kinds, free_port, kill_jobs_of, manifest_chunks, spawn_script, wait_for_checkpoints, wait_for_state, wait_until
 from checker.cli.client import CallerClient
 
 # A job with a heap of random bytes. It changes a small region before each
@@ -115,6 +116,30 @@ def test_second_checkpoint_stores_little(client, server, heap_script, tmp_path) 
     output = heap.finish()
     assert output["results"][-1] == [2, True]
     assert output["digest"] == heap.digest_before_last_checkpoint()
+    restored = [e for e in client.events(heap.id) if e["kind"] == "restored"]
+    assert restored[0]["data"]["image_source"] == "cache"
+
+
+def test_corrupt_restore_cache_rebuilds_from_chunks(client, server, heap_script, tmp_path) -> None:
+    heap = HeapJob(client, heap_script, tmp_path / "control", heap_mb=8)
+    heap.checkpoint(0)
+    heap.checkpoint(1)
+    cached_pages = max((server.state_dir / "checkpoints" / heap.id / "2.cache").glob("pages-*.img"), key=lambda path: path.stat().st_size)
+    with open(cached_pages, "r+b") as image_file:
+        image_file.seek(cached_pages.stat().st_size // 2)
+        byte = image_file.read(1)[0]
+        image_file.seek(cached_pages.stat().st_size // 2)
+        image_file.write(bytes([byte ^ 0x01]))
+
+    heap.crash()
+    output = heap.finish()
+
+    assert output["results"] == [[1, False], [2, True]]
+    assert output["digest"] == heap.digest_before_last_checkpoint()
+    assert {c["number"]: c["status"] for c in client.checkpoints(heap.id)} == {1: "valid", 2: "valid"}
+    restored = [e for e in client.events(heap.id) if e["kind"] == "restored"]
+    assert restored[0]["data"]["checkpoint"] == 2
+    assert restored[0]["data"]["image_source"] == "chunks"
 
 
 def test_uncompressed_chunks_restore(restartable_server, heap_script, tmp_path) -> None:
@@ -131,19 +156,28 @@ def test_uncompressed_chunks_restore(restartable_server, heap_script, tmp_path) 
     assert output["digest"] == heap.digest_before_last_checkpoint()
 
 
-# Corruption of the newest checkpoint: each is detected and checkpoint 1 is restored
+# Corruption of the newest checkpoint: each is detected and checkpoint 1 is restored.
+# A missing chunk is found even while the restore cache is intact. A damaged
+# chunk is found when the image is rebuilt from chunks, so those cases also
+# delete the restore cache.
 
 
 def corrupt_missing_chunk(state_dir: Path, job_id: str) -> None:
     chunk_path(state_dir, job_id, only_in_second(state_dir, job_id)).unlink()
 
 
+def delete_restore_cache(state_dir: Path, job_id: str) -> None:
+    shutil.rmtree(state_dir / "checkpoints" / job_id / "2.cache")
+
+
 def corrupt_truncated_chunk(state_dir: Path, job_id: str) -> None:
+    delete_restore_cache(state_dir, job_id)
     path = chunk_path(state_dir, job_id, only_in_second(state_dir, job_id))
     os.truncate(path, path.stat().st_size // 2)
 
 
 def corrupt_flipped_byte(state_dir: Path, job_id: str) -> None:
+    delete_restore_cache(state_dir, job_id)
     path = chunk_path(state_dir, job_id, only_in_second(state_dir, job_id))
     with open(path, "r+b") as chunk:
         chunk.seek(path.stat().st_size // 2)
@@ -302,7 +336,7 @@ def test_retention_deletes_unreferenced_chunks(restartable_server, heap_script, 
         statuses = [c["status"] for c in client.checkpoints(heap.id)]
         heap.finish()
     assert statuses == ["deleted", "deleted", "valid"]
-    assert sorted(p.name for p in (server.state_dir / "checkpoints" / heap.id).iterdir()) == ["3", "chunks"]
+    assert sorted(p.name for p in (server.state_dir / "checkpoints" / heap.id).iterdir()) == ["3", "3.cache", "chunks"]
     assert chunk_names(server.state_dir, heap.id) == manifest_chunks(server.state_dir, heap.id, 3)
 
 
@@ -314,11 +348,11 @@ def test_finished_job_checkpoints_expire(restartable_server, heap_script, tmp_pa
         heap = HeapJob(client, heap_script, tmp_path / "control", heap_mb=4, checkpoints=1)
         heap.checkpoint(0)
         heap.finish()
-        wait_until(lambda: not (server.state_dir / "checkpoints" / heap.id).exists(), 30, "the checkpoints of the finished job to be deleted")
+        # The server deletes the files first and records the event after them.
+        wait_until(lambda: "checkpoints_expired" in event_kinds(client, heap.id), 30, "the checkpoints of the finished job to be deleted")
         statuses = [c["status"] for c in client.checkpoints(heap.id)]
-        kinds = [e["kind"] for e in client.events(heap.id)]
     assert statuses == ["deleted"]
-    assert "checkpoints_expired" in kinds
+    assert not (server.state_dir / "checkpoints" / heap.id).exists()
 
 
 def test_fork_keeps_chunks_after_source_expires(restartable_server, heap_script, tmp_path) -> None:

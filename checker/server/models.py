@@ -168,7 +168,7 @@ class CheckpointOut(BaseModel):
 class CheckpointFileOut(BaseModel):
     path: str
     size_bytes: int
-    sha256: str
+    sha256: str | None = Field(description="sha256 of the whole file; null in format 3, which checks each chunk instead.")
     chunks: int | None = Field(description="Number of chunks; null in format 1.")
 
 
@@ -181,7 +181,7 @@ class VerificationOut(BaseModel):
 class CheckpointDetailOut(CheckpointOut):
     format_version: int | None = Field(description="Manifest format version; null when the manifest is missing or unreadable.")
     compression: str | None = Field(description="zstd or none for the chunks this checkpoint wrote; null in format 1.")
-    chunk_bytes: int | None
+    chunk_bytes: int | None = Field(description="Fixed chunk size of format 2; null in formats 1 and 3.")
     chunk_count: int | None = Field(description="Distinct chunks the image uses.")
     referenced_stored_bytes: int | None = Field(description="Bytes of all the chunk files the image uses, shared ones included.")
     files: list[CheckpointFileOut]

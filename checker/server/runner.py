@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from checker.config import Settings
-from checker.errors import CheckerError, CorruptCheckpointError, CriuError, ErrorCode
+from checker.errors import CheckerError, CorruptCheckpointError, CorruptRestoreCacheError, CriuError, ErrorCode
 from checker.runtimes.base import JobFiles, LaunchSpec, Runtime, write_identity
 from checker.runtimes.procfs import ProcessIdentity
 from checker.server.commands import (
@@ -41,7 +41,7 @@ from checker.server.commands import (
 )
 from checker.server.locks import CheckpointLocks
 from checker.server.retry import RetryPolicy
-from checker.store.checkpoints import LocalCheckpointStore, Manifest
+from checker.store.checkpoints import LocalCheckpointStore, Manifest, RestoreImage
 from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore
 
 logger = logging.getLogger(__name__)
@@ -614,12 +614,12 @@ class JobRunner:
         with store.pinned(self.job_id, checkpoint.number):
             manifest = store.read_manifest(self.job_id, checkpoint.number)
             self._rewind_logs(manifest.job_files)
-            image_dir = await asyncio.to_thread(store.prepare_restore, manifest)
-            rebuild_seconds = time.monotonic() - started
             try:
-                process = await self._restore_verified(checkpoint, manifest, image_dir)
-            finally:
-                await asyncio.to_thread(store.release_restore, manifest, image_dir)
+                process, image, rebuild_seconds = await self._restore_from_image(checkpoint, manifest, use_cache=True)
+            except CorruptRestoreCacheError as error:
+                logger.warning("job %s: %s; rebuilding the image of checkpoint %d from its chunks", self.job_id, error.message, checkpoint.number)
+                await asyncio.to_thread(store.drop_restore_cache, self.job_id, checkpoint.number)
+                process, image, rebuild_seconds = await self._restore_from_image(checkpoint, manifest, use_cache=False)
         await self.runtime.resume(process)
         self.process = process
         seconds = time.monotonic() - started
@@ -636,6 +636,7 @@ class JobRunner:
                     "restore": restore_number,
                     "seconds": seconds,
                     "rebuild_seconds": rebuild_seconds,
+                    "image_source": image.source,
                     "pid": self.process.pid,
                     "log_sizes": manifest.job_files,
                 },
@@ -651,17 +652,31 @@ class JobRunner:
         logger.info(message)
         self._watch()
 
-    async def _restore_verified(self, checkpoint: CheckpointRecord, manifest: Manifest, image_dir: Path) -> ProcessIdentity:
-        """Run `criu restore` from `image_dir` and return the restored process once the image files matched the manifest."""
+    async def _restore_from_image(self, checkpoint: CheckpointRecord, manifest: Manifest, use_cache: bool) -> tuple[ProcessIdentity, RestoreImage, float]:
+        """Prepare the image files, restore from them, and return the restored process, the image and the seconds spent preparing it."""
+        store = self.context.checkpoints
+        started = time.monotonic()
+        image = await asyncio.to_thread(store.prepare_restore, manifest, use_cache)
+        prepare_seconds = time.monotonic() - started
+        try:
+            process = await self._restore_verified(checkpoint, manifest, image)
+        finally:
+            await asyncio.to_thread(store.release_restore, image)
+        return process, image, prepare_seconds
+
+    async def _restore_verified(self, checkpoint: CheckpointRecord, manifest: Manifest, image: RestoreImage) -> ProcessIdentity:
+        """Run `criu restore` from the image and return the restored process once the image files matched the manifest."""
         store = self.context.checkpoints
         context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
         log_path = self._criu_log(f"restore-{self.job.restore_count + 1}-from-{checkpoint.number}")
 
         # CRIU restores the copy stopped while the image files are verified on
         # the other core; the copy runs only once every file matched its sha256.
-        verification = asyncio.create_task(asyncio.to_thread(store.verify_files, manifest, image_dir))
+        if image.verified:
+            return await self.runtime.restore(self._launch_spec(), image.directory, log_path=log_path, context=context, leave_stopped=True)
+        verification = asyncio.create_task(asyncio.to_thread(store.verify_files, manifest, image.directory))
         try:
-            process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context, leave_stopped=True)
+            process = await self.runtime.restore(self._launch_spec(), image.directory, log_path=log_path, context=context, leave_stopped=True)
         except CheckerError:
             await asyncio.gather(verification, return_exceptions=True)
             if verification.exception() is not None:

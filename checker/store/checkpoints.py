@@ -5,7 +5,8 @@ Layout under the store's root::
     <job id>/chunks/              the job's chunks, named by sha256 (see checker.store.chunks)
     <job id>/<number>.partial/    being written: CRIU's image files; never restored from
     <job id>/<number>/            complete: manifest.json (format 1 also has the image files)
-    <job id>/<number>.restore/    image files rebuilt from chunks for one `criu restore`
+    <job id>/<number>.restore/    image files being rebuilt from chunks for `criu restore`
+    <job id>/<number>.cache/      the newest checkpoint's image files, kept for a fast restore
     <job id>/<number>.deleting/   being deleted
     .deleting-<job id>/           a whole job being deleted
 
@@ -32,22 +33,45 @@ Manifest (JSON object), common fields::
     files           [{"path", "size", "sha256"}] for every image file
 
 Format 1 keeps the image files themselves in the checkpoint directory. It is
-written when deduplication is off. Format 2 adds::
+written when deduplication is off. Formats 2 and 3 keep only the manifest in
+the checkpoint directory and add::
 
-    chunk_bytes     size of every chunk but the last of a file, in bytes
     compression     "zstd" or "none": how this checkpoint wrote its new chunks
     stored_bytes    bytes of the chunk files this checkpoint added
     files[].chunks  sha256 digests of the file's chunks, in file order
 
-and keeps only the manifest in the checkpoint directory. Each chunk's file
-says how it is stored (a `.zst` suffix for zstd), so chunks written under
-another compression setting are read as well.
+Format 2 (read only) cut files at fixed offsets and has::
+
+    chunk_bytes     size of every chunk but the last of a file, in bytes
+
+Format 3 cuts files at content-defined page boundaries (see
+checker.store.chunks), has no files[].sha256, and has::
+
+    chunking             {"page_bytes", "min_pages", "max_pages", "boundary_bits"}:
+                         the parameters that cut the chunks, for information
+    files[].chunk_sizes  uncompressed size of each chunk in bytes; they add up
+                         to files[].size
+
+A format-3 file is identified by its ordered chunk digests and sizes, so
+its bytes are hashed once, chunk by chunk. Each chunk's file name shows how
+it is stored (a `.zst` suffix for zstd), so chunks written under another
+compression setting are read as well.
 
 Version rule: a reader accepts exactly the format versions it supports (here:
-1 and 2) and rejects any other with an error that names the version, because
-a newer format may change what a field means. A writer writes the lowest
-version that can hold what it stores. Before a restore every chunk is checked
-against its name and every file against its size and sha256.
+1, 2 and 3) and rejects any other with an error that names the version,
+because a newer format may change what a field means. A writer writes the
+lowest version that can hold what it stores. Before a restore every chunk is
+checked against its name and size, and every file against its size and
+sha256 (format 1 and 2) or its chunk digests (format 3).
+
+Restore cache: after a format-3 commit the staging image files are moved to
+`<number>.cache/` instead of being deleted, and the caches of older
+checkpoints of the job are deleted. A restore of the newest checkpoint then
+runs `criu restore` on those plain files while they are checked against the
+manifest's chunk digests, and rebuilds the files from chunks only when the
+cache is missing or fails that check. The cache costs one uncompressed image
+per job on disk, and it is not flushed, because the chunks are the durable
+copy.
 """
 
 from __future__ import annotations
@@ -67,21 +91,36 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from checker.errors import CorruptCheckpointError
-from checker.store.chunks import CHUNK_BYTES, ChunkDirectory, ChunkedImage, FollowedFile, ImageChunker, close_followed, fsync_path, iterate_chunks, list_page_images, pause_point
+from checker.errors import CorruptCheckpointError, CorruptRestoreCacheError
+from checker.store.chunks import (
+    BOUNDARY_BITS,
+    MAX_CHUNK_PAGES,
+    MIN_CHUNK_PAGES,
+    PAGE_BYTES,
+    ChunkDirectory,
+    ChunkedImage,
+    FollowedFile,
+    ImageChunker,
+    fsync_path,
+    iterate_chunks,
+    list_page_images,
+    pause_point,
+)
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "checker-checkpoint"
 PLAIN_FORMAT_VERSION = 1
-CHUNKED_FORMAT_VERSION = 2
-FORMAT_VERSION = CHUNKED_FORMAT_VERSION
-SUPPORTED_FORMAT_VERSIONS = frozenset({PLAIN_FORMAT_VERSION, CHUNKED_FORMAT_VERSION})
+FIXED_CHUNKS_FORMAT_VERSION = 2
+CONTENT_CHUNKS_FORMAT_VERSION = 3
+FORMAT_VERSION = CONTENT_CHUNKS_FORMAT_VERSION
+SUPPORTED_FORMAT_VERSIONS = frozenset({PLAIN_FORMAT_VERSION, FIXED_CHUNKS_FORMAT_VERSION, CONTENT_CHUNKS_FORMAT_VERSION})
 HASH_BLOCK_BYTES = 4 << 20
 CHUNKS_DIR = "chunks"
 PARTIAL_SUFFIX = ".partial"
 RESTORE_SUFFIX = ".restore"
+CACHE_SUFFIX = ".cache"
 DELETING_SUFFIX = ".deleting"
 DELETING_JOB_PREFIX = ".deleting-"
 
@@ -94,9 +133,19 @@ class ManifestFile:
     path: str
     size: int
     """Size in bytes."""
-    sha256: str
+    sha256: str | None
+    """sha256 of the whole file (formats 1 and 2); None in format 3."""
     chunks: tuple[str, ...] | None = None
-    """sha256 digests of the file's chunks in file order (format 2); None in format 1."""
+    """sha256 digests of the file's chunks in file order (formats 2 and 3); None in format 1."""
+    chunk_sizes: tuple[int, ...] | None = None
+    """Uncompressed size of each chunk in bytes (formats 2 and 3; computed from chunk_bytes in format 2)."""
+
+    def extents(self) -> Iterator[tuple[int, int, str]]:
+        """Yield (offset, size, digest) of each chunk of the file, in file order."""
+        offset = 0
+        for digest, size in zip(self.chunks or (), self.chunk_sizes or ()):
+            yield offset, size, digest
+            offset += size
 
 
 @dataclass(frozen=True)
@@ -114,10 +163,12 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     chunk_bytes: int | None = None
     """Size of every chunk but a file's last one, in bytes (format 2)."""
+    chunking: dict[str, int] | None = None
+    """Parameters of the content-defined chunk boundaries (format 3)."""
     compression: str | None = None
-    """"zstd" or "none": how this checkpoint wrote its new chunks (format 2)."""
+    """"zstd" or "none": how this checkpoint wrote its new chunks (formats 2 and 3)."""
     stored_bytes: int | None = None
-    """Bytes of the chunk files this checkpoint added (format 2)."""
+    """Bytes of the chunk files this checkpoint added (formats 2 and 3)."""
 
     @property
     def image_bytes(self) -> int:
@@ -125,12 +176,22 @@ class Manifest:
 
     @property
     def chunked(self) -> bool:
-        return self.format_version == CHUNKED_FORMAT_VERSION
+        return self.format_version in (FIXED_CHUNKS_FORMAT_VERSION, CONTENT_CHUNKS_FORMAT_VERSION)
 
     def chunk_digests(self) -> set[str]:
         return {digest for entry in self.files for digest in entry.chunks or ()}
 
     def to_json(self) -> dict:
+        if self.format_version == CONTENT_CHUNKS_FORMAT_VERSION:
+            return {
+                **self._common_json(),
+                "chunking": self.chunking,
+                "compression": self.compression,
+                "stored_bytes": self.stored_bytes,
+                "files": [
+                    {"path": f.path, "size": f.size, "chunks": list(f.chunks or ()), "chunk_sizes": list(f.chunk_sizes or ())} for f in self.files
+                ],
+            }
         if self.chunked:
             return {
                 **self._common_json(),
@@ -172,9 +233,16 @@ def parse_manifest(text: str, where: str) -> Manifest:
         )
 
     try:
-        chunked = version == CHUNKED_FORMAT_VERSION
+        chunked = version in (FIXED_CHUNKS_FORMAT_VERSION, CONTENT_CHUNKS_FORMAT_VERSION)
+        content_chunks = version == CONTENT_CHUNKS_FORMAT_VERSION
         files = tuple(
-            ManifestFile(str(f["path"]), int(f["size"]), str(f["sha256"]), tuple(str(c) for c in f["chunks"]) if chunked else None)
+            ManifestFile(
+                str(f["path"]),
+                int(f["size"]),
+                None if content_chunks else str(f["sha256"]),
+                tuple(str(c) for c in f["chunks"]) if chunked else None,
+                tuple(int(n) for n in f["chunk_sizes"]) if content_chunks else None,
+            )
             for f in data["files"]
         )
         manifest = Manifest(
@@ -187,27 +255,46 @@ def parse_manifest(text: str, where: str) -> Manifest:
             job_files={str(k): int(v) for k, v in data.get("job_files", {}).items()},
             files=files,
             format_version=version,
-            chunk_bytes=int(data["chunk_bytes"]) if chunked else None,
+            chunk_bytes=int(data["chunk_bytes"]) if version == FIXED_CHUNKS_FORMAT_VERSION else None,
+            chunking={str(k): int(v) for k, v in data["chunking"].items()} if content_chunks else None,
             compression=str(data["compression"]) if chunked else None,
             stored_bytes=int(data["stored_bytes"]) if chunked else None,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptCheckpointError(f"manifest {where} is missing or has an invalid field: {error!r}") from error
-    if manifest.chunked:
-        check_chunk_counts(manifest, where)
+    if manifest.format_version == FIXED_CHUNKS_FORMAT_VERSION:
+        return with_fixed_chunk_sizes(manifest, where)
+    if manifest.format_version == CONTENT_CHUNKS_FORMAT_VERSION:
+        check_chunk_sizes(manifest, where)
     return manifest
 
 
-def check_chunk_counts(manifest: Manifest, where: str) -> None:
-    """Reject a format-2 manifest whose chunk lists cannot cover its file sizes."""
+def with_fixed_chunk_sizes(manifest: Manifest, where: str) -> Manifest:
+    """Check that a format-2 manifest's chunk lists cover its file sizes, and return it with each file's chunk sizes filled in."""
     chunk_bytes = manifest.chunk_bytes or 0
     if chunk_bytes <= 0 or chunk_bytes % 4096:
         raise CorruptCheckpointError(f"manifest {where} has chunk_bytes {chunk_bytes}; expected a positive multiple of 4096")
+    files = []
     for entry in manifest.files:
         expected = -(-entry.size // chunk_bytes)
         if len(entry.chunks or ()) != expected:
             raise CorruptCheckpointError(
                 f"manifest {where} lists {len(entry.chunks or ())} chunks for {entry.path} of {entry.size} bytes; expected {expected}"
+            )
+        sizes = tuple(min(chunk_bytes, entry.size - index * chunk_bytes) for index in range(expected))
+        files.append(dataclasses.replace(entry, chunk_sizes=sizes))
+    return dataclasses.replace(manifest, files=tuple(files))
+
+
+def check_chunk_sizes(manifest: Manifest, where: str) -> None:
+    """Reject a format-3 manifest whose chunk sizes do not match its chunk lists or add up to its file sizes."""
+    for entry in manifest.files:
+        chunks, sizes = entry.chunks or (), entry.chunk_sizes or ()
+        if len(chunks) != len(sizes):
+            raise CorruptCheckpointError(f"manifest {where} lists {len(chunks)} chunks but {len(sizes)} chunk sizes for {entry.path}")
+        if any(size <= 0 for size in sizes) or sum(sizes) != entry.size:
+            raise CorruptCheckpointError(
+                f"manifest {where}: the chunk sizes of {entry.path} add up to {sum(sizes)} bytes, but the file has {entry.size}; expected positive sizes that add up"
             )
 
 
@@ -333,6 +420,17 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 @dataclass(frozen=True)
+class RestoreImage:
+    """A directory of image files ready for `criu restore`."""
+
+    directory: Path
+    source: str
+    """"plain" (format 1), "cache" (the restore cache) or "chunks" (rebuilt from chunks)."""
+    verified: bool
+    """Whether every byte was already checked against the manifest; when False, run `verify_files` before the restored job runs."""
+
+
+@dataclass(frozen=True)
 class GarbageCollected:
     checkpoints: int
     """Checkpoint directories deleted."""
@@ -343,7 +441,7 @@ class GarbageCollected:
 
 
 class LocalCheckpointStore:
-    """Checkpoint images in a local directory, as chunks (format 2) or plain files (format 1, deduplication off)."""
+    """Checkpoint images in a local directory, as chunks (format 3) or plain files (format 1, deduplication off)."""
 
     def __init__(
         self, root: Path, fsync: bool = True, hash_threads: int = 4, compression_level: int | None = 1, dedupe: bool = True
@@ -353,7 +451,7 @@ class LocalCheckpointStore:
         self.compression_level = compression_level
         """zstd level of new chunks; None writes them uncompressed."""
         self.dedupe = dedupe
-        """Write format 2 (chunks shared by a job's checkpoints); False writes format 1 (plain image files)."""
+        """Write format 3 (chunks shared by a job's checkpoints); False writes format 1 (plain image files)."""
         self._threads = hash_threads
         self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="checkpoint-hash")
         self._guard = threading.Lock()
@@ -376,7 +474,7 @@ class LocalCheckpointStore:
         return staging
 
     def image_writer(self, job_id: str, staging: Path) -> "ImageChunker | StreamingImageHasher":
-        """Return what follows CRIU's writes into `staging`: a chunker (format 2) or a hasher (format 1). Call `start()` on it."""
+        """Return what follows CRIU's writes into `staging`: a chunker (format 3) or a hasher (format 1). Call `start()` on it."""
         if self.dedupe:
             return ImageChunker(staging, self.chunk_directory(job_id), self._pool, max_pending_chunks=4 * self._threads)
         return StreamingImageHasher(staging, self.fsync)
@@ -403,8 +501,7 @@ class LocalCheckpointStore:
         common = {"job_id": job_id, "checkpoint": number, "parent": parent, "runtime": runtime, "criu_version": criu_version, "job_files": job_files}
         if isinstance(writer, ImageChunker):
             manifest = self._chunked_manifest(writer.finish(), common)
-            for path in staging.iterdir():
-                path.unlink()  # The chunks hold the image now.
+            self._keep_as_cache(staging, job_id, number)
         else:
             manifest = self._plain_manifest(staging, writer.finish(), common)
         pause_point("before-manifest", self.root)
@@ -419,16 +516,37 @@ class LocalCheckpointStore:
         return manifest
 
     def _chunked_manifest(self, image: ChunkedImage, common: dict) -> Manifest:
-        files = tuple(ManifestFile(name, stored.size, stored.sha256, stored.chunks) for name, stored in sorted(image.files.items()))
+        files = tuple(ManifestFile(name, stored.size, None, stored.chunks, stored.chunk_sizes) for name, stored in sorted(image.files.items()))
         return Manifest(
             **common,
             created_at=time.time(),
             files=files,
-            format_version=CHUNKED_FORMAT_VERSION,
-            chunk_bytes=CHUNK_BYTES,
+            format_version=CONTENT_CHUNKS_FORMAT_VERSION,
+            chunking={"page_bytes": PAGE_BYTES, "min_pages": MIN_CHUNK_PAGES, "max_pages": MAX_CHUNK_PAGES, "boundary_bits": BOUNDARY_BITS},
             compression="none" if self.compression_level is None else "zstd",
             stored_bytes=image.stored_bytes,
         )
+
+    def cache_location(self, job_id: str, number: int) -> Path:
+        return self.root / job_id / f"{number}{CACHE_SUFFIX}"
+
+    def _keep_as_cache(self, staging: Path, job_id: str, number: int) -> None:
+        """Move the staged image files to the restore cache of checkpoint `number`, and delete the job's older caches.
+
+        The chunks hold the image now; the cache only spares a restore the rebuild.
+        """
+        cache = self.cache_location(job_id, number)
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.mkdir()
+        for path in staging.iterdir():
+            os.rename(path, cache / path.name)
+        for older in (self.root / job_id).glob(f"*{CACHE_SUFFIX}"):
+            if older != cache:
+                shutil.rmtree(older, ignore_errors=True)
+
+    def drop_restore_cache(self, job_id: str, number: int) -> None:
+        shutil.rmtree(self.cache_location(job_id, number), ignore_errors=True)
 
     def _plain_manifest(self, staging: Path, hashed_already: dict[str, tuple[int, str]], common: dict) -> Manifest:
         """Hash the image files the hasher missed, flush them, and return a format-1 manifest."""
@@ -517,23 +635,61 @@ class LocalCheckpointStore:
         chunks = self.chunk_directory(job_id)
         for entry in manifest.files:
             where = f"checkpoint {number} of job {job_id}, image file {entry.path}"
-            digest = hashlib.sha256()
+            digest = hashlib.sha256() if entry.sha256 is not None else None
             size = 0
-            for data in iterate_chunks(chunks, entry.chunks or (), self._pool, where):
-                digest.update(data)
+            for data in iterate_chunks(chunks, entry.chunks or (), entry.chunk_sizes or (), self._pool, where):
+                if digest is not None:
+                    digest.update(data)
                 size += len(data)
-            self._check_file(manifest, entry, size, digest.hexdigest())
+            self._check_size(manifest, entry, size)
+            if digest is not None:
+                self._check_file(manifest, entry, size, digest.hexdigest())
         return manifest
 
     def verify_files(self, manifest: Manifest, directory: Path) -> None:
-        """Check the image files in `directory` against the manifest's sizes and sha256 digests."""
+        """Check the image files in `directory` against the manifest: their sizes, and their sha256 or chunk digests.
+
+        Format 3 files are checked chunk by chunk in the thread pool, and a
+        mismatch raises CorruptRestoreCacheError, because the restore cache is
+        the only source of format-3 files that were not checked yet. Every chunk the manifest lists
+        must also exist, so a missing chunk is found even when the cache is
+        intact.
+        """
         paths = [directory / entry.path for entry in manifest.files]
         for entry, path in zip(manifest.files, paths):
             if not path.is_file():
                 raise CorruptCheckpointError(f"checkpoint {manifest.checkpoint} of job {manifest.job_id} is missing image file {entry.path}")
             self._check_size(manifest, entry, path.stat().st_size)
+        if manifest.format_version == CONTENT_CHUNKS_FORMAT_VERSION:
+            self._check_chunks_exist(manifest)
+            self._verify_extents(manifest, paths)
+            return
         for entry, (size, digest) in zip(manifest.files, self._pool.map(hash_file, paths)):
             self._check_file(manifest, entry, size, digest)
+
+    def _check_chunks_exist(self, manifest: Manifest) -> None:
+        """Raise CorruptCheckpointError when a chunk the manifest lists is missing; the chunks' contents are not read."""
+        chunks = self.chunk_directory(manifest.job_id)
+        for digest in sorted(manifest.chunk_digests()):
+            if chunks.stored_path(digest) is None:
+                raise CorruptCheckpointError(f"checkpoint {manifest.checkpoint} of job {manifest.job_id}: chunk {digest} is missing from {chunks.path}")
+
+    def _verify_extents(self, manifest: Manifest, paths: list[Path]) -> None:
+        """Check each chunk-sized extent of the format-3 files at `paths` against its digest, in the thread pool."""
+        tasks = [(entry, path, *extent) for entry, path in zip(manifest.files, paths) for extent in entry.extents()]
+
+        def check_extent(task: tuple[ManifestFile, Path, int, int, str]) -> None:
+            entry, path, offset, size, digest = task
+            with open(path, "rb", buffering=0) as image_file:
+                data = os.pread(image_file.fileno(), size, offset)
+            if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+                raise CorruptRestoreCacheError(
+                    f"checkpoint {manifest.checkpoint} of job {manifest.job_id}: image file {entry.path} in {path.parent} "
+                    f"does not match chunk {digest} at offset {offset}"
+                )
+
+        for _ in self._pool.map(check_extent, tasks):
+            pass
 
     @staticmethod
     def _check_size(manifest: Manifest, entry: ManifestFile, size: int) -> None:
@@ -547,16 +703,26 @@ class LocalCheckpointStore:
         if digest != entry.sha256:
             raise CorruptCheckpointError(f"checkpoint {manifest.checkpoint} of job {manifest.job_id}: image file {entry.path} fails its sha256 check")
 
-    def prepare_restore(self, manifest: Manifest) -> Path:
+    def prepare_restore(self, manifest: Manifest, use_cache: bool = True) -> RestoreImage:
         """Return a directory of the image files for `criu restore`; release it with `release_restore`.
 
-        A format-2 image is rebuilt from its chunks into `<number>.restore/`,
-        decompressing in the thread pool; every chunk is checked against its
-        name on the way. The whole files are not checked here: run
-        `verify_files` on the result, which can overlap with the restore.
+        A format-3 image comes from the restore cache when `use_cache` is set
+        and the cache has every file at its size. Such an image is not
+        verified yet.
+        Otherwise a chunked image is rebuilt from its chunks into
+        `<number>.restore/`, decompressing in the thread pool, and every
+        chunk is checked against its name and size on the way. A rebuilt
+        format-3 image is then complete and verified, and becomes the
+        checkpoint's restore cache. Run `verify_files` on an image that is not
+        `verified`, which can overlap with the restore.
         """
         if not manifest.chunked:
-            return self.location(manifest.job_id, manifest.checkpoint)
+            return RestoreImage(self.location(manifest.job_id, manifest.checkpoint), source="plain", verified=False)
+        content_chunks = manifest.format_version == CONTENT_CHUNKS_FORMAT_VERSION
+        cache = self.cache_location(manifest.job_id, manifest.checkpoint)
+        if content_chunks and use_cache and self._cache_is_complete(manifest, cache):
+            return RestoreImage(cache, source="cache", verified=False)
+
         directory = self.root / manifest.job_id / f"{manifest.checkpoint}{RESTORE_SUFFIX}"
         if directory.exists():
             shutil.rmtree(directory)
@@ -566,11 +732,21 @@ class LocalCheckpointStore:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        return directory
+        if not content_chunks:
+            return RestoreImage(directory, source="chunks", verified=False)
+        shutil.rmtree(cache, ignore_errors=True)
+        os.rename(directory, cache)
+        return RestoreImage(cache, source="chunks", verified=True)
+
+    @staticmethod
+    def _cache_is_complete(manifest: Manifest, cache: Path) -> bool:
+        try:
+            return all((cache / entry.path).stat().st_size == entry.size for entry in manifest.files)
+        except FileNotFoundError:
+            return False
 
     def _rebuild_files(self, manifest: Manifest, directory: Path) -> None:
         chunks = self.chunk_directory(manifest.job_id)
-        chunk_bytes = manifest.chunk_bytes or CHUNK_BYTES
         descriptors = []
         try:
             tasks = []
@@ -579,11 +755,11 @@ class LocalCheckpointStore:
                 descriptors.append(fd)
                 os.ftruncate(fd, entry.size)
                 where = f"checkpoint {manifest.checkpoint} of job {manifest.job_id}, image file {entry.path}"
-                tasks.extend((fd, index * chunk_bytes, digest, where) for index, digest in enumerate(entry.chunks or ()))
+                tasks.extend((fd, *extent, where) for extent in entry.extents())
 
-            def write_chunk(task: tuple[int, int, str, str]) -> None:
-                fd, offset, digest, where = task
-                data = chunks.read(digest, where)
+            def write_chunk(task: tuple[int, int, int, str, str]) -> None:
+                fd, offset, size, digest, where = task
+                data = chunks.read(digest, where, size)
                 write_at(fd, data, offset)
 
             for _ in self._pool.map(write_chunk, tasks):
@@ -592,9 +768,10 @@ class LocalCheckpointStore:
             for fd in descriptors:
                 os.close(fd)
 
-    def release_restore(self, manifest: Manifest, directory: Path) -> None:
-        if manifest.chunked:
-            shutil.rmtree(directory, ignore_errors=True)
+    def release_restore(self, image: RestoreImage) -> None:
+        """Delete an image directory rebuilt for one restore; the plain files of format 1 and the restore cache stay."""
+        if image.directory.name.endswith(RESTORE_SUFFIX):
+            shutil.rmtree(image.directory, ignore_errors=True)
 
     def stored_bytes_of(self, manifest: Manifest) -> int:
         """Bytes of the chunk files the checkpoint references, each counted once; its size without sharing."""
@@ -630,11 +807,12 @@ class LocalCheckpointStore:
             return self._job_locks.setdefault(job_id, threading.Lock())
 
     def delete(self, job_id: str, number: int) -> None:
-        """Delete one checkpoint directory; its chunks go at the next `collect_garbage`.
+        """Delete one checkpoint directory and its restore cache; its chunks go at the next `collect_garbage`.
 
         The directory is renamed first, so a crash midway leaves no
         valid-looking remains.
         """
+        self.drop_restore_cache(job_id, number)
         directory = self.location(job_id, number)
         doomed = directory.with_name(f"{number}{DELETING_SUFFIX}")
         try:
