@@ -206,7 +206,7 @@ def only_in_second(state_dir: Path, job_id: str) -> str:
     ("corrupt", "expected_message"),
     [
         (corrupt_missing_chunk, "is missing from"),
-        (corrupt_truncated_chunk, "not a valid zstd frame"),
+        (corrupt_truncated_chunk, "chunk [0-9a-f]{64} (is not a valid zstd frame|has [0-9]+ bytes, but the manifest records)"),
         (corrupt_flipped_byte, "chunk [0-9a-f]{64} (is not a valid zstd frame|fails its sha256 check)"),
         (corrupt_manifest_version, "format version 99"),
         (corrupt_missing_manifest, "has no manifest"),

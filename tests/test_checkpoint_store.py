@@ -196,7 +196,16 @@ def test_compressible_image_is_compressed(store) -> None:
     manifest = store.read_manifest("job1", 1)
     assert manifest.compression == "zstd"
     assert manifest.stored_bytes < 100_000
-    assert all(p.name.endswith(ZSTD_SUFFIX) for p in chunk_files(store))
+    for index in range(len(pages_entry(store).chunks)):
+        assert pages_chunk(store, index).name.endswith(ZSTD_SUFFIX)
+
+
+def test_incompressible_chunks_are_stored_raw(store) -> None:
+    write_checkpoint(store)
+    manifest = store.read_manifest("job1", 1)
+    assert manifest.compression == "zstd"
+    assert not any(p.name.endswith(ZSTD_SUFFIX) for p in chunk_files(store) if p.stat().st_size > 100_000)
+    assert rebuilt_pages(store) == PAGES
 
 
 def test_compression_off_stores_raw_chunks(tmp_path) -> None:
@@ -218,7 +227,7 @@ def test_missing_chunk_is_detected(store) -> None:
 
 
 def test_truncated_chunk_is_detected(store) -> None:
-    write_checkpoint(store)
+    write_checkpoint(store, pages=b"\x00\x01" * (2 * CHUNK_BYTES))
     chunk = pages_chunk(store, 0)
     os.truncate(chunk, chunk.stat().st_size // 2)
     with pytest.raises(CorruptCheckpointError, match="not a valid zstd frame"):

@@ -36,7 +36,9 @@ Format 1 keeps the image files themselves in the checkpoint directory. It is
 written when deduplication is off. Formats 2 and 3 keep only the manifest in
 the checkpoint directory and add::
 
-    compression     "zstd" or "none": how this checkpoint wrote its new chunks
+    compression     "zstd" or "none": how this checkpoint wrote its new chunks;
+                    with "zstd", a chunk whose first 16 KiB do not compress
+                    is stored as is
     stored_bytes    bytes of the chunk files this checkpoint added
     files[].chunks  sha256 digests of the file's chunks, in file order
 
