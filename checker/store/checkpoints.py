@@ -78,7 +78,6 @@ copy.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -107,6 +106,7 @@ from checker.store.chunks import (
     iterate_chunks,
     list_page_images,
     pause_point,
+    start_writeback,
 )
 
 logger = logging.getLogger(__name__)
@@ -405,20 +405,6 @@ class StreamingImageHasher:
         for followed in self._files.values():
             os.close(followed.fd)
         self._files = {}
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range of the file to disk, without waiting.
-
-    The final fdatasync then waits only for the last blocks instead of the
-    whole image. Failure is harmless: that fdatasync still flushes everything.
-    """
-    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)

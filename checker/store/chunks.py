@@ -10,11 +10,14 @@ A chunk's name is the sha256 hex digest of its uncompressed bytes, so equal
 chunks of different checkpoints (or of one image) are stored once, and a
 reader checks every chunk against its name. A chunk appears under its name
 only by a rename after its bytes are written (and flushed, with fsync on), so
-a crash never leaves a half-written chunk under a valid name.
+a crash never leaves a half-written chunk under a valid name. With fsync on,
+`put` only starts the writeback of a new chunk's temporary file, and `flush`
+later waits for all of them and renames them, so hashing goes on while the
+disk writes.
 
 Image files are cut at content-defined boundaries, decided page by page:
 a chunk ends after a 4 KiB page whose zlib.crc32 has its low BOUNDARY_BITS
-bits all zero, once it holds MIN_CHUNK_PAGES pages, and at MAX_CHUNK_PAGES
+bits all zero, once it contains MIN_CHUNK_PAGES pages, and at MAX_CHUNK_PAGES
 pages in any case. A page image is the concatenation of the dumped memory
 areas in address order, so a mapping that appears, grows or shrinks below a
 large heap shifts every later page by whole pages. The boundaries travel
@@ -31,6 +34,7 @@ leave about a quarter of the chunks unchanged. See docs/benchmarks.md.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -90,6 +94,9 @@ class ChunkDirectory:
         """zstd level for chunks written from now on; None stores them uncompressed."""
         self.fsync = fsync
         self._local = threading.local()
+        self._unflushed: list[tuple[Path, Path]] = []
+        """(temporary, final) paths of chunks written but not yet flushed and renamed."""
+        self._unflushed_lock = threading.Lock()
 
     def stored_path(self, digest: str) -> Path | None:
         """Return the file of chunk `digest`, compressed or not, or None when the directory has neither."""
@@ -99,7 +106,10 @@ class ChunkDirectory:
         return None
 
     def put(self, digest: str, data: bytes | memoryview) -> int:
-        """Store chunk `digest` unless it exists; return the bytes written (0 for a chunk already stored)."""
+        """Store chunk `digest` unless it exists; return the bytes written (0 for a chunk already stored).
+
+        With fsync on, the chunk gets its name only at the next `flush`.
+        """
         if self.stored_path(digest) is not None:
             return 0
         self.path.mkdir(parents=True, exist_ok=True)
@@ -113,11 +123,26 @@ class ChunkDirectory:
         try:
             write_all(fd, encoded)
             if self.fsync:
-                os.fdatasync(fd)
+                start_writeback(fd, 0, len(encoded))
         finally:
             os.close(fd)
-        os.rename(temporary, self.path / name)
+        if self.fsync:
+            with self._unflushed_lock:
+                self._unflushed.append((temporary, self.path / name))
+        else:
+            os.rename(temporary, self.path / name)
         return len(encoded)
+
+    def flush(self, pool: ThreadPoolExecutor) -> None:
+        """Wait until every chunk written since the last flush is on disk, rename each to its name, and flush the directory."""
+        with self._unflushed_lock:
+            unflushed, self._unflushed = self._unflushed, []
+        for _ in pool.map(lambda paths: fsync_path(paths[0], data_only=True), unflushed):
+            pass
+        for temporary, final in unflushed:
+            os.rename(temporary, final)
+        if self.path.exists():
+            fsync_path(self.path)
 
     def read(self, digest: str, where: str, size: int | None = None) -> bytes:
         """Return the uncompressed bytes of chunk `digest`; raise CorruptCheckpointError when it is missing, fails its sha256 check or is not `size` bytes long.
@@ -223,10 +248,28 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def fsync_path(path: Path) -> None:
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range of the file to disk, without waiting.
+
+    A later fdatasync then waits only for what is not written yet. Failure is
+    harmless, because that fdatasync still flushes everything.
+    """
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def fsync_path(path: Path, data_only: bool = False) -> None:
+    """Flush a file or directory to disk; `data_only` uses fdatasync, which skips metadata that reading does not need."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        if data_only:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -310,8 +353,8 @@ class ImageChunker:
 
             files = {name: followed.result() for name, followed in sorted(self._files.items())}
             stored = sum(f.result()[2] for followed in self._files.values() for f in followed.futures)
-            if self.chunks.fsync and self.chunks.path.exists():
-                fsync_path(self.chunks.path)
+            if self.chunks.fsync:
+                self.chunks.flush(self._pool)
             return ChunkedImage(files=files, stored_bytes=stored)
         finally:
             self._close()
