@@ -132,6 +132,8 @@ def bench_checker(arguments: argparse.Namespace, work_dir: Path) -> dict[str, An
             checkpoint_seconds.append(wait_for_result(control, "checkpoint", f"checkpoint {step} of job {job_id}", step=step)["seconds"])
         checkpoints = client.checkpoints(job_id)
 
+        if arguments.drop_restore_cache:
+            shutil.rmtree(state_dir / "checkpoints" / job_id / f"{checkpoints[1]['number']}.cache")
         settle(arguments.settle_seconds)
         os.kill(client.get_job(job_id)["pid"], signal.SIGKILL)
         wait_for_result(control, "restored", f"the restore of job {job_id}")
@@ -142,6 +144,7 @@ def bench_checker(arguments: argparse.Namespace, work_dir: Path) -> dict[str, An
             "checkpoint_seconds": checkpoint_seconds,
             "restore_seconds": restored["data"]["seconds"],
             "rebuild_seconds": restored["data"]["rebuild_seconds"],
+            "image_source": restored["data"].get("image_source"),
             "checkpoints": checkpoints,
         }
     finally:
@@ -158,6 +161,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--criu", default=DEFAULT_CRIU, help=f"CRIU binary (default {DEFAULT_CRIU})")
     parser.add_argument("--port", type=int, default=8447, help="port of the benchmark's Checker server (default 8447)")
     parser.add_argument("--settle-seconds", type=float, default=1.0, help="pause after sync() before each timed step (default 1)")
+    parser.add_argument("--drop-restore-cache", action="store_true", help="delete the restore cache before the kill, so the restore rebuilds the image from chunks")
     parser.add_argument("--json-output", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the images and state directory")
     return parser.parse_args()
@@ -201,7 +205,7 @@ def main() -> int:
     for step, (checked, dumped) in enumerate(zip(store["checkpoint_seconds"], raw["dump_seconds"]), start=1):
         print(f"checkpoint {step}: Checker {checked:.3f} s, raw criu dump {dumped:.3f} s, ratio {checked / dumped:.2f}")
     print(
-        f"restore: Checker {store['restore_seconds']:.3f} s (rebuilding the files from chunks {store['rebuild_seconds']:.3f} s), "
+        f"restore: Checker {store['restore_seconds']:.3f} s (image from {store['image_source']}, preparing it {store['rebuild_seconds']:.3f} s), "
         f"raw criu restore {raw['restore_seconds']:.3f} s, ratio {figures['restore_ratio']:.2f}"
     )
     if arguments.json_output:
