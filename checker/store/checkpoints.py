@@ -105,6 +105,7 @@ from checker.store.chunks import (
     fsync_path,
     iterate_chunks,
     list_page_images,
+    map_file_range,
     pause_point,
     start_writeback,
 )
@@ -666,10 +667,15 @@ class LocalCheckpointStore:
         """Check each chunk-sized extent of the format-3 files at `paths` against its digest, in the thread pool."""
         tasks = [(entry, path, *extent) for entry, path in zip(manifest.files, paths) for extent in entry.extents()]
 
+        views = {}
+        for path in paths:
+            with open(path, "rb", buffering=0) as image_file:
+                size = os.fstat(image_file.fileno()).st_size
+                views[path] = map_file_range(image_file.fileno(), 0, size) if size else memoryview(b"")
+
         def check_extent(task: tuple[ManifestFile, Path, int, int, str]) -> None:
             entry, path, offset, size, digest = task
-            with open(path, "rb", buffering=0) as image_file:
-                data = os.pread(image_file.fileno(), size, offset)
+            data = views[path][offset:offset + size]
             if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
                 raise CorruptRestoreCacheError(
                     f"checkpoint {manifest.checkpoint} of job {manifest.job_id}: image file {entry.path} in {path.parent} "
