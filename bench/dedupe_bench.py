@@ -113,7 +113,7 @@ def bench_checker(arguments: argparse.Namespace, work_dir: Path) -> dict[str, An
     state_dir, control = work_dir / "checker-state", work_dir / "checker-control"
     control.mkdir()
     log_path = work_dir / "checker-server.log"
-    server_command = [sys.executable, "-m", "checker", "server", "--port", str(arguments.port), "--state-dir", str(state_dir), "--criu", arguments.criu]
+    server_command = [sys.executable, "-m", "checker", "server", "--port", str(arguments.port), "--state-dir", str(state_dir), "--criu", arguments.criu, *arguments.server_option]
     with open(log_path, "a") as log:
         server = subprocess.Popen(server_command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     client = CallerClient(f"http://127.0.0.1:{arguments.port}")
@@ -161,6 +161,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--criu", default=DEFAULT_CRIU, help=f"CRIU binary (default {DEFAULT_CRIU})")
     parser.add_argument("--port", type=int, default=8447, help="port of the benchmark's Checker server (default 8447)")
     parser.add_argument("--settle-seconds", type=float, default=1.0, help="pause after sync() before each timed step (default 1)")
+    parser.add_argument("--server-option", action="append", default=[], help="extra option for `checker server`, such as --no-checkpoint-dedupe (repeatable; use --server-option=--flag)")
     parser.add_argument("--drop-restore-cache", action="store_true", help="delete the restore cache before the kill, so the restore rebuilds the image from chunks")
     parser.add_argument("--json-output", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the images and state directory")
