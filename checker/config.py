@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checker.runtimes.criu import DEFAULT_TIMEOUT_SECONDS as DEFAULT_CRIU_TIMEOUT_SECONDS
+from checker.store.chunks import MAX_ZSTD_LEVEL
 
 DEFAULT_PORT = 8181
 
@@ -62,6 +63,15 @@ class Settings:
     fsync_checkpoints: bool = True
     """Flush each image to disk before its checkpoint is acknowledged."""
 
+    checkpoint_compression_level: int | None = 1
+    """zstd level (1-22) of checkpoint chunks; None stores them uncompressed."""
+
+    checkpoint_dedupe: bool = True
+    """Store images as chunks shared by a job's checkpoints; False stores plain image files (format 1, uncompressed)."""
+
+    finished_checkpoints_retention_seconds: float = 7 * 86400.0
+    """How long the checkpoints of a completed or failed job are kept after it finished, in seconds."""
+
     max_restores_without_progress: int = 3
     """Crashes tolerated from the same checkpoint before the job is failed."""
 
@@ -93,6 +103,16 @@ class Settings:
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints is {self.keep_checkpoints}; keep at least 1 checkpoint per job")
+        level = self.checkpoint_compression_level
+        if level is not None and not 1 <= level <= MAX_ZSTD_LEVEL:
+            raise ValueError(f"checkpoint compression level {level} is invalid; give a zstd level from 1 to {MAX_ZSTD_LEVEL}, or off")
+        if level is not None and not self.checkpoint_dedupe:
+            raise ValueError(
+                f"checkpoint compression level {level} needs deduplication: without it images are stored as plain files; "
+                "drop --no-checkpoint-dedupe or pass --checkpoint-compression off"
+            )
+        if self.finished_checkpoints_retention_seconds < 0:
+            raise ValueError(f"retention of finished jobs' checkpoints {self.finished_checkpoints_retention_seconds} s is invalid; give 0 or more seconds")
         if self.checkpoint_lock_timeout_seconds <= 0:
             raise ValueError(f"checkpoint lock timeout {self.checkpoint_lock_timeout_seconds} s is invalid; give a positive number of seconds")
         if self.criu_timeout_seconds <= 0:

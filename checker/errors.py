@@ -65,3 +65,7 @@ class CorruptCheckpointError(CheckerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.CORRUPT_CHECKPOINT, message)
+
+
+class CorruptRestoreCacheError(CorruptCheckpointError):
+    """A file of the local restore cache failed verification; the checkpoint's chunks may still be intact."""

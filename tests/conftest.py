@@ -6,6 +6,7 @@ test in its own state directory, so tests never share jobs or checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,6 +62,7 @@ class ServerProcess:
     port: int
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
 
     @property
@@ -70,7 +72,8 @@ class ServerProcess:
     def start(self) -> None:
         command = [sys.executable, "-m", "checker", "server", "--port", str(self.port), "--state-dir", str(self.state_dir), *self.extra_args]
         log = open(self.log_path, "a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+        env = {**os.environ, **self.extra_env}
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env)
         log.close()
         client = CallerClient(self.url)
         try:
@@ -236,6 +239,18 @@ def job_processes(state_dir: Path, job_id: str) -> list[int]:
         if marker in command_line or mounts_job_dir(int(entry.name), job_dir):
             found.append(int(entry.name))
     return found
+
+
+def manifest_chunks(state_dir: Path, job_id: str, number: int) -> set[str]:
+    """Return the chunk digests that the manifest of checkpoint `number` lists."""
+    manifest = json.loads((state_dir / "checkpoints" / job_id / str(number) / "manifest.json").read_text())
+    return {digest for entry in manifest["files"] for digest in entry["chunks"]}
+
+
+def chunk_path(state_dir: Path, job_id: str, digest: str) -> Path:
+    chunks = state_dir / "checkpoints" / job_id / "chunks"
+    compressed = chunks / f"{digest}.zst"
+    return compressed if compressed.exists() else chunks / digest
 
 
 def event_kinds(client: CallerClient, job_id: str) -> list[str]:

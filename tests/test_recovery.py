@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
-from conftest import event_kinds, spawn_script, wait_for_checkpoints, wait_for_state, wait_until
+from conftest import chunk_path, event_kinds, manifest_chunks, spawn_script, wait_for_checkpoints, wait_for_state, wait_until
 
 # A job that draws a secret before its checkpoint, then waits at a gate file.
 # The restored copy must report the same secret: it lives only in memory.
@@ -203,8 +204,10 @@ def test_corrupt_checkpoint_falls_back_to_previous(client, server, job_script, t
     job = spawn_script(client, job_script("corrupt", source), {"gate": str(gate)})
     running = wait_for_checkpoints(client, job["id"], 2)
 
-    pages = sorted((server.state_dir / "checkpoints" / job["id"] / "2").glob("pages-*.img"))[0]
-    with open(pages, "r+b") as image:
+    # A damaged chunk is read only when the image is rebuilt from chunks, so drop the restore cache.
+    shutil.rmtree(server.state_dir / "checkpoints" / job["id"] / "2.cache")
+    only_second = manifest_chunks(server.state_dir, job["id"], 2) - manifest_chunks(server.state_dir, job["id"], 1)
+    with open(chunk_path(server.state_dir, job["id"], sorted(only_second)[0]), "r+b") as image:
         byte = image.read(1)
         image.seek(0)
         image.write(bytes([byte[0] ^ 0xFF]))
@@ -219,7 +222,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(client, server, job_script, t
     assert statuses[2] == "corrupt"
     assert statuses[1] == "valid"
     corrupt_events = [e for e in client.events(job["id"]) if e["kind"] == "checkpoint_corrupt"]
-    assert "sha256" in corrupt_events[0]["message"]
+    assert "chunk" in corrupt_events[0]["message"]
 
 
 def test_kill_running_job(client, server, job_script, tmp_path: Path) -> None:
@@ -283,7 +286,7 @@ def test_criu_logs_kept_per_operation(client, server, job_script, tmp_path: Path
 
 
 def test_restore_survives_host_mounts_that_went_away(client, server, job_script, tmp_path: Path) -> None:
-    """Mounts under /run/checker made before the job started, or anywhere after, are not part of its image."""
+    """Host mounts that come and go (Checker's own, tmpfs ones, any made after the job started) stay out of its image."""
     source = """
         import os, time
         import checker
@@ -298,20 +301,26 @@ def test_restore_survives_host_mounts_that_went_away(client, server, job_script,
         checker.exit({"second": [second.number, second.restored]})
     """
     before = Path(f"/run/checker/test-transient-{os.getpid()}-before")
+    tmpfs_before = tmp_path / "tmpfs-mounted-before-start"
     after = tmp_path / "mounted-after-start"
-    for point in (before, after):
+    for point in (before, tmpfs_before, after):
         point.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "checker-test", str(before)], check=True)
+    for point in (before, tmpfs_before):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "checker-test", str(point)], check=True)
     try:
         gate, gate2 = tmp_path / "gate", tmp_path / "gate2"
         job = spawn_script(client, job_script("mounts", source), {"gate": str(gate), "gate2": str(gate2)})
         wait_for_checkpoints(client, job["id"], 1)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "checker-test", str(after)], check=True)
+        # Mounts gone before the next dump must not fail it.
+        for point in (tmpfs_before, before):
+            subprocess.run(["umount", "-l", str(point)], check=True)
+        tmpfs_before.rmdir()  # As container engines do with their mount points.
         gate.touch()
         running = wait_for_checkpoints(client, job["id"], 2)
     finally:
-        for point in (after, before):
-            subprocess.run(["umount", "-l", str(point)], check=False)
+        for point in (after, tmpfs_before, before):
+            subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
         before.rmdir()
 
     os.kill(running["pid"], signal.SIGKILL)

@@ -143,6 +143,10 @@ class CallerClient:
     def checkpoints(self, job_id: str) -> list[dict]:
         return self.request("GET", f"/v1/jobs/{job_id}/checkpoints").json()["items"]
 
+    def checkpoint_details(self, job_id: str, number: int, verify: bool = False) -> dict:
+        params = {"verify": "true"} if verify else {}
+        return self.request("GET", f"/v1/jobs/{job_id}/checkpoints/{number}", params=params, timeout=3600).json()
+
     def checkpoint(self, job_id: str, suspend: bool = False) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/checkpoint", json={"suspend": suspend}, timeout=3600).json()
 

@@ -17,6 +17,10 @@ from typing import Any
 
 from checker.cli.client import APIError, CallerClient, server_url_from_environment
 from checker.config import DEFAULT_PORT, Settings, default_state_dir
+from checker.store.chunks import MAX_ZSTD_LEVEL
+
+DEFAULT_COMPRESSION_LEVEL = Settings.checkpoint_compression_level
+DEFAULT_FINISHED_RETENTION_SECONDS = Settings.finished_checkpoints_retention_seconds
 
 TERMINAL_STATES = ("completed", "failed")
 PROGRESS_EVENTS = (
@@ -70,6 +74,39 @@ def parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:
     return params
 
 
+def compression_level(text: str) -> int | None:
+    """Parse --checkpoint-compression: 'off' or a zstd level."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        level = int(text)
+    except ValueError:
+        level = 0
+    if not 1 <= level <= MAX_ZSTD_LEVEL:
+        raise argparse.ArgumentTypeError(f"invalid compression {text!r}; give off or a zstd level from 1 to {MAX_ZSTD_LEVEL}")
+    return level
+
+
+def positive_integer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid checkpoint number {text!r}; give a whole number from 1")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}; give 0 or more, e.g. 86400")
+    return seconds
+
+
 def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Settings:
     return Settings(
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
@@ -80,6 +117,9 @@ def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Set
         criu_timeout_seconds=getattr(args, "criu_timeout", 1800.0),
         api_token=getattr(args, "api_token", None) or os.environ.get("CHECKER_API_TOKEN") or None,
         keep_checkpoints=getattr(args, "keep_checkpoints", 3),
+        checkpoint_compression_level=getattr(args, "checkpoint_compression", DEFAULT_COMPRESSION_LEVEL),
+        checkpoint_dedupe=not getattr(args, "no_checkpoint_dedupe", False),
+        finished_checkpoints_retention_seconds=getattr(args, "keep_finished_checkpoints", DEFAULT_FINISHED_RETENTION_SECONDS),
         checkpoint_lock_timeout_seconds=getattr(args, "checkpoint_lock_timeout", 60.0),
         drain_on_shutdown=not getattr(args, "no_drain", True),
         drain_timeout_seconds=getattr(args, "drain_timeout", 60.0),
@@ -295,6 +335,61 @@ def command_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def megabytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.1f}"
+
+
+def command_checkpoints_list(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        checkpoints = client.checkpoints(args.job)
+    if not checkpoints:
+        print(f"job {args.job} has no checkpoints")
+        return 0
+    print(f"{'number':>6}  {'status':<8} {'mode':<12} {'image MB':>9} {'stored MB':>9} {'dump s':>7} {'total s':>7}  created")
+    for checkpoint in checkpoints:
+        print(
+            f"{checkpoint['number']:>6}  {checkpoint['status']:<8} {checkpoint['mode']:<12} {megabytes(checkpoint['size_bytes']):>9} "
+            f"{megabytes(checkpoint['stored_bytes']):>9} {checkpoint['dump_seconds']:>7.3f} {checkpoint['total_seconds']:>7.3f}  {checkpoint['created_at']}"
+        )
+    return 0
+
+
+def command_checkpoints_show(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        details = client.checkpoint_details(args.job, args.number, verify=args.verify)
+    rows = [
+        ("status", details["status"]),
+        ("mode", details["mode"]),
+        ("created", details["created_at"]),
+        ("image", f"{megabytes(details['size_bytes'])} MB"),
+        ("stored by this checkpoint", f"{megabytes(details['stored_bytes'])} MB (after deduplication and compression)"),
+        ("stored chunks it uses", f"{megabytes(details['referenced_stored_bytes'])} MB in {details['chunk_count'] if details['chunk_count'] is not None else '-'} chunks"),
+        ("dump", f"{details['dump_seconds']:.3f} s"),
+        ("total", f"{details['total_seconds']:.3f} s"),
+        ("format version", details["format_version"] if details["format_version"] is not None else "-"),
+        ("compression", details["compression"] or "-"),
+        ("CRIU", details["criu_version"]),
+    ]
+    if details["manifest_error"]:
+        rows.append(("manifest", details["manifest_error"]))
+    print(f"checkpoint {details['number']} of job {args.job}")
+    for name, value in rows:
+        print(f"  {name + ':':<27} {value}")
+
+    if details["files"]:
+        print("  files:")
+        for entry in details["files"]:
+            chunks = "" if entry["chunks"] is None else f"  {entry['chunks']} chunks"
+            print(f"    {entry['path']:<24} {entry['size_bytes']:>12} bytes{chunks}")
+    verification = details["verification"]
+    if verification["status"] == "not_requested":
+        print("  verification:               not run (pass --verify)")
+        return 0
+    seconds = f" in {verification['seconds']:.3f} s" if verification["seconds"] is not None else ""
+    print(f"  verification:               {verification['status']}{seconds}" + (f": {verification['message']}" if verification["message"] else ""))
+    return 0 if verification["status"] == "passed" else 1
+
+
 def command_jobs_kill(args: argparse.Namespace) -> int:
     with connect(args) as client:
         before = client.get_job(args.job)
@@ -426,6 +521,25 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-token", help="Bearer token required on the caller API (default $CHECKER_API_TOKEN; required off loopback).")
     server.add_argument("--keep-checkpoints", type=int, default=3, help="Most recent checkpoints kept per job (default 3).")
     server.add_argument(
+        "--checkpoint-compression",
+        type=compression_level,
+        default=DEFAULT_COMPRESSION_LEVEL,
+        metavar="off|LEVEL",
+        help=f"zstd level (1-{MAX_ZSTD_LEVEL}) of stored checkpoint chunks, or off (default {DEFAULT_COMPRESSION_LEVEL}).",
+    )
+    server.add_argument(
+        "--no-checkpoint-dedupe",
+        action="store_true",
+        help="Store each checkpoint's image files in full (format 1, uncompressed) instead of chunks shared by a job's checkpoints; needs --checkpoint-compression off.",
+    )
+    server.add_argument(
+        "--keep-finished-checkpoints",
+        type=non_negative_seconds,
+        default=DEFAULT_FINISHED_RETENTION_SECONDS,
+        metavar="SECONDS",
+        help=f"Seconds the checkpoints of a completed or failed job are kept before they are deleted (default {DEFAULT_FINISHED_RETENTION_SECONDS:.0f}, 7 days).",
+    )
+    server.add_argument(
         "--no-drain",
         action="store_true",
         help="On SIGTERM or SIGINT, leave running jobs running for the next server to re-adopt, instead of checkpointing and suspending them.",
@@ -521,6 +635,19 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_resume.add_argument("job")
     add_client_options(jobs_resume)
     jobs_resume.set_defaults(handler=command_jobs_resume)
+
+    checkpoints = commands.add_parser("checkpoints", help="List and inspect a job's checkpoints.")
+    checkpoints_commands = checkpoints.add_subparsers(dest="checkpoints_command", required=True)
+    checkpoints_list = checkpoints_commands.add_parser("list", help="List a job's checkpoints with their sizes, stored bytes and durations.")
+    checkpoints_list.add_argument("job")
+    add_client_options(checkpoints_list)
+    checkpoints_list.set_defaults(handler=command_checkpoints_list)
+    checkpoints_show = checkpoints_commands.add_parser("show", help="Show one checkpoint: sizes, stored bytes, files, and verification on request.")
+    checkpoints_show.add_argument("job")
+    checkpoints_show.add_argument("number", type=positive_integer, help="Checkpoint number.")
+    checkpoints_show.add_argument("--verify", action="store_true", help="Check every chunk and image file against the manifest (reads the whole image); exit 1 when it fails.")
+    add_client_options(checkpoints_show)
+    checkpoints_show.set_defaults(handler=command_checkpoints_show)
 
     logs = commands.add_parser("logs", help="Print a job's output.")
     logs.add_argument("job")

@@ -1,20 +1,21 @@
 """Give a `process` job a mount table that stays the same until its restore.
 
 bwrap binds the whole host file system into the job's mount namespace, as a
-slave of the host's mounts, and CRIU records every mount in that namespace
-and mounts it again on restore. Two kinds of host mounts would make that
-restore fail once they are gone:
-
-- mounts that Checker itself makes and removes under /run/checker, such as
-  other jobs' sandbox roots, which exist when this job starts;
-- any host mount made after this job started, which would propagate into it.
+slave of the host's mounts, and CRIU records every mount in that namespace.
+A mount that is gone by the time of a dump or a restore makes that dump or
+restore fail. Hosts make and remove mounts all the time: container engines
+(overlay roots and shm under /var/lib/containers or /var/lib/docker), user
+logins (/run/user/UID), and Checker itself (other jobs' sandbox roots under
+/run/checker).
 
 Run it as the first command inside bwrap:
 `python -I -S isolatemounts.py KEEP -- COMMAND...`. It makes every mount of
-the namespace private, so later host mounts stay out. It detaches every mount
-under /run/checker except KEEP (the job's own directory) and the mounts below
-KEEP. Then it executes COMMAND, the job's init, so nothing of this file stays
-in the job's image.
+the namespace private, so later host mounts stay out. It keeps the host's
+disk and network file systems, /proc, /sys and /dev with what is mounted
+below them, and /run, /run/lock and /tmp themselves, plus KEEP (the job's own
+directory) and the mounts below it; it detaches every other mount. Then it
+executes COMMAND, the job's init, so nothing of this file stays in the job's
+image.
 """
 
 from __future__ import annotations
@@ -22,23 +23,59 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import sys
+from dataclasses import dataclass
 
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
-CHECKER_MOUNTS = "/run/checker/"
+
+SYSTEM_TREES = ("/proc", "/sys", "/dev")
+"""Virtual file systems kept with everything mounted below them."""
+SYSTEM_MOUNTS = ("/", "/run", "/run/lock", "/tmp")
+"""Mount points kept themselves, whatever their file system."""
+VOLATILE_TREES = ("/run/checker", "/var/lib/containers", "/var/lib/docker", "/run/containers", "/run/docker", "/run/netns", "/run/user")
+"""Trees whose mounts come and go with containers, logins and other jobs; detached even on a disk."""
+NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "9p", "virtiofs", "ceph", "glusterfs", "zfs")
 
 
-def mount_points() -> list[str]:
-    """Return the mount points of this mount namespace, from /proc/self/mountinfo."""
-    points = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    fstype: str
+    source: str
+
+
+def unescape(field: str) -> str:
+    """Decode mountinfo's octal escapes (space, tab, newline and backslash)."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def read_mounts() -> list[Mount]:
+    """Return the mounts of this mount namespace, from /proc/self/mountinfo."""
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
         for line in mountinfo:
-            # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
-            escaped = line.split()[4]
-            points.append(escaped.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", errors="surrogateescape"))
-    return points
+            fields = line.split()
+            separator = fields.index("-")
+            mounts.append(Mount(point=unescape(fields[4]), fstype=fields[separator + 1], source=unescape(fields[separator + 2])))
+    return mounts
+
+
+def is_below(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def keeps(mount: Mount, keep: str) -> bool:
+    """Return whether the job keeps `mount`: it is stable for as long as the job may be restored."""
+    if is_below(mount.point, keep):
+        return True
+    if any(is_below(mount.point, tree) for tree in VOLATILE_TREES):
+        return False
+    if mount.point in SYSTEM_MOUNTS or any(is_below(mount.point, tree) for tree in SYSTEM_TREES):
+        return True
+    return mount.source.startswith("/dev/") or mount.fstype in NETWORK_FILE_SYSTEMS
 
 
 def isolate(keep: str) -> None:
@@ -48,9 +85,8 @@ def isolate(keep: str) -> None:
         raise OSError(error, f"cannot make the job's mounts private: {os.strerror(error)}")
 
     # Deepest first, so a mount is detached before the one it sits on.
-    for point in sorted(set(mount_points()), key=len, reverse=True):
-        if not point.startswith(CHECKER_MOUNTS) or point == keep or point.startswith(keep + "/"):
-            continue
+    detached = {mount.point for mount in read_mounts() if not keeps(mount, keep)}
+    for point in sorted(detached, key=len, reverse=True):
         if libc.umount2(os.fsencode(point), MNT_DETACH) != 0:
             error = ctypes.get_errno()
             if error not in (errno.EINVAL, errno.ENOENT):  # Already detached together with its parent.

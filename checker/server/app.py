@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import checker
 from checker.errors import CheckerError, ErrorCode
 from checker.server import models
-from checker.server.manager import JobManager
+from checker.server.manager import CheckpointDetails, JobManager
 from checker.server.runner import SuspendRequest, hash_token
 from checker.store.state import CheckpointRecord, DefinitionRecord, EventRecord, JobRecord, JobState, SignalRecord
 
@@ -79,10 +79,30 @@ def checkpoint_out(record: CheckpointRecord) -> models.CheckpointOut:
         mode=record.mode,
         status=record.status,
         size_bytes=record.size_bytes,
+        stored_bytes=record.stored_bytes,
         dump_seconds=record.dump_seconds,
         total_seconds=record.total_seconds,
         criu_version=record.criu_version,
         created_at=models.iso_time(record.created_at),
+    )
+
+
+def checkpoint_detail_out(details: CheckpointDetails) -> models.CheckpointDetailOut:
+    manifest = details.manifest
+    files = [
+        models.CheckpointFileOut(path=f.path, size_bytes=f.size, sha256=f.sha256, chunks=None if f.chunks is None else len(f.chunks))
+        for f in (manifest.files if manifest else ())
+    ]
+    return models.CheckpointDetailOut(
+        **checkpoint_out(details.record).model_dump(),
+        format_version=manifest.format_version if manifest else None,
+        compression=manifest.compression if manifest else None,
+        chunk_bytes=manifest.chunk_bytes if manifest else None,
+        chunk_count=len(manifest.chunk_digests()) if manifest and manifest.chunked else None,
+        referenced_stored_bytes=details.referenced_stored_bytes,
+        files=files,
+        manifest_error=details.manifest_error,
+        verification=details.verification,
     )
 
 
@@ -299,6 +319,15 @@ def build_caller_router() -> APIRouter:
     async def list_checkpoints(job_id: str, manager: Manager) -> models.CheckpointList:
         manager.get_job(job_id)
         return models.CheckpointList(items=[checkpoint_out(c) for c in manager.state.list_checkpoints(job_id)])
+
+    @router.get("/jobs/{job_id}/checkpoints/{number}", response_model=models.CheckpointDetailOut)
+    async def show_checkpoint(
+        job_id: str,
+        number: int,
+        manager: Manager,
+        verify: Annotated[bool, Query(description="Check every chunk and image file against the manifest; reads the whole image.")] = False,
+    ) -> models.CheckpointDetailOut:
+        return checkpoint_detail_out(await manager.checkpoint_details(job_id, number, verify))
 
     @router.post("/jobs/{job_id}/checkpoint", response_model=models.ExternalCheckpointOut)
     async def checkpoint_job(job_id: str, manager: Manager, body: models.ExternalCheckpointBody | None = None) -> models.ExternalCheckpointOut:

@@ -9,17 +9,19 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from checker.config import Settings
-from checker.errors import CheckerError, ErrorCode
+from checker.errors import CheckerError, CorruptCheckpointError, ErrorCode
 from checker.runtimes import Limits, Runtime
 from checker.runtimes.base import JobFiles, write_identity
 from checker.runtimes.procfs import ProcessIdentity, is_alive
 from checker.server.jobsockets import JobSockets
 from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token, hash_token
-from checker.store.checkpoints import LocalCheckpointStore
+from checker.server import models
+from checker.store.checkpoints import LocalCheckpointStore, Manifest
 from checker.store.state import CheckpointRecord, CheckpointStatus, DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,19 @@ def split_definition_reference(reference: str, version: int | None) -> tuple[str
     if version is not None and suffix_version != version:
         raise CheckerError(ErrorCode.INVALID_REQUEST, f"definition {reference!r} and version {version} disagree; give the version once")
     return name, suffix_version
+
+
+@dataclass(frozen=True)
+class CheckpointDetails:
+    """A checkpoint's record and manifest, and the result of a verification on request."""
+
+    record: CheckpointRecord
+    manifest: Manifest | None
+    manifest_error: str | None
+    """Error message of a manifest that could not be read; None when it was read."""
+    verification: models.VerificationOut
+    referenced_stored_bytes: int | None
+    """Bytes of all the chunk files the image uses, shared ones included."""
 
 
 def prepare_fork_files(source: JobFiles, fork: JobFiles, log_sizes: dict[str, int]) -> None:
@@ -81,6 +96,7 @@ class JobManager:
         self.settings = settings
         self.state = state
         self.runners: dict[str, JobRunner] = {}
+        self._expiry_task: asyncio.Task | None = None
         self.context = RunnerContext(
             settings=settings,
             state=state,
@@ -114,6 +130,39 @@ class JobManager:
 
         if self.runners:
             logger.info("recovery: supervising %d unfinished job(s)", len(self.runners))
+        self._expiry_task = asyncio.create_task(self._expire_finished_jobs_periodically(), name="checkpoint-expiry")
+
+    async def _expire_finished_jobs_periodically(self) -> None:
+        retention = self.settings.finished_checkpoints_retention_seconds
+        interval = min(60.0, max(0.5, retention / 4))
+        while True:
+            try:
+                await asyncio.to_thread(self.expire_finished_jobs)
+            except (OSError, CheckerError) as error:
+                logger.error("deleting the checkpoints of finished jobs failed: %s; retrying in %.0f s", error, interval)
+            await asyncio.sleep(interval)
+
+    def expire_finished_jobs(self) -> list[str]:
+        """Delete every checkpoint and chunk of jobs that completed or failed longer ago than the retention; return their ids.
+
+        The state store marks the checkpoints deleted first, so a crash midway
+        leaves files that the next pass deletes. A job with a checkpoint that
+        a fork reads right now is skipped until the next pass.
+        """
+        cutoff = time.time() - self.settings.finished_checkpoints_retention_seconds
+        store = self.context.checkpoints
+        expired = []
+        for job in self.state.list_jobs(states=JobState.TERMINAL, limit=1_000_000):
+            if job.finished_at is None or job.finished_at > cutoff or not store.has_job(job.id) or store.is_pinned(job.id):
+                continue
+            for checkpoint in self.state.list_checkpoints(job.id, [CheckpointStatus.VALID, CheckpointStatus.CORRUPT]):
+                self.state.set_checkpoint_status(job.id, checkpoint.number, CheckpointStatus.DELETED)
+            store.delete_job(job.id)
+            message = f"checkpoints of job {job.id} deleted: it {job.state} more than {self.settings.finished_checkpoints_retention_seconds:g} s ago"
+            self.state.add_event(job.id, "checkpoints_expired", message, {})
+            logger.info(message)
+            expired.append(job.id)
+        return expired
 
     async def shutdown(self) -> None:
         """Stop every runner, after draining running jobs when the settings ask for it.
@@ -121,6 +170,9 @@ class JobManager:
         Without a drain, running jobs keep running and the next server
         re-adopts them.
         """
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            await asyncio.gather(self._expiry_task, return_exceptions=True)
         if self.settings.drain_on_shutdown:
             await self.drain(self.settings.drain_timeout_seconds)
         await asyncio.gather(*(runner.stop() for runner in list(self.runners.values())))
@@ -266,13 +318,14 @@ class JobManager:
         fork_limits = self._effective_limits(source.runtime_type, source.limits, limits)
         fork_id = secrets.token_hex(8)
         token = secrets.token_urlsafe(32)
-        manifest = self.context.checkpoints.read_manifest(source.id, checkpoint.number)
-
-        source_files = JobFiles.under(self.settings.jobs_dir / source.id)
-        fork_files = JobFiles.under(self.settings.jobs_dir / fork_id)
-        await asyncio.to_thread(prepare_fork_files, source_files, fork_files, manifest.job_files)
-        write_identity(fork_files, fork_id, token)
-        await asyncio.to_thread(self.context.checkpoints.copy, source.id, checkpoint.number, fork_id)
+        store = self.context.checkpoints
+        with store.pinned(source.id, checkpoint.number):
+            manifest = store.read_manifest(source.id, checkpoint.number)
+            source_files = JobFiles.under(self.settings.jobs_dir / source.id)
+            fork_files = JobFiles.under(self.settings.jobs_dir / fork_id)
+            await asyncio.to_thread(prepare_fork_files, source_files, fork_files, manifest.job_files)
+            write_identity(fork_files, fork_id, token)
+            await asyncio.to_thread(store.copy, source.id, checkpoint.number, fork_id)
 
         values = {
             "id": fork_id,
@@ -311,6 +364,42 @@ class JobManager:
                 return checkpoint
         numbers = ", ".join(str(checkpoint.number) for checkpoint in valid) or "none"
         raise CheckerError(ErrorCode.NOT_FOUND, f"job {source.id} has no valid checkpoint {number}; its valid checkpoints: {numbers}")
+
+    async def checkpoint_details(self, job_id: str, number: int, verify: bool) -> CheckpointDetails:
+        """Describe checkpoint `number` of a job from its record and manifest, verifying its image when `verify` is set."""
+        self.get_job(job_id)
+        records = self.state.list_checkpoints(job_id)
+        record = next((c for c in records if c.number == number), None)
+        if record is None:
+            numbers = ", ".join(str(c.number) for c in records) or "none"
+            raise CheckerError(ErrorCode.NOT_FOUND, f"job {job_id} has no checkpoint {number}; its checkpoints: {numbers}")
+
+        store = self.context.checkpoints
+        manifest, manifest_error = None, None
+        if record.status == CheckpointStatus.DELETED:
+            manifest_error = f"checkpoint {number} of job {job_id} was deleted"
+        else:
+            try:
+                manifest = store.read_manifest(job_id, number)
+            except CorruptCheckpointError as error:
+                manifest_error = error.message
+
+        verification = models.VerificationOut(status="not_requested")
+        if verify:
+            verification = await self._verify_checkpoint(job_id, number, manifest_error)
+        return CheckpointDetails(record, manifest, manifest_error, verification, store.stored_bytes_of(manifest) if manifest else None)
+
+    async def _verify_checkpoint(self, job_id: str, number: int, manifest_error: str | None) -> models.VerificationOut:
+        if manifest_error is not None:
+            return models.VerificationOut(status="failed", message=manifest_error)
+        started = time.monotonic()
+        try:
+            with self.context.checkpoints.pinned(job_id, number):
+                await asyncio.to_thread(self.context.checkpoints.verify, job_id, number)
+        except CorruptCheckpointError as error:
+            logger.warning("verification on request: %s", error.message)
+            return models.VerificationOut(status="failed", message=error.message, seconds=time.monotonic() - started)
+        return models.VerificationOut(status="passed", seconds=time.monotonic() - started)
 
     @staticmethod
     def _check_idempotent_match(existing: JobRecord, digest: str, key: str) -> JobRecord:

@@ -192,10 +192,35 @@ class CheckpointOut(BaseModel):
     mode: str
     status: str
     size_bytes: int
+    stored_bytes: int | None = Field(description="Bytes the checkpoint added to the store after deduplication and compression; null for older checkpoints.")
     dump_seconds: float
     total_seconds: float
     criu_version: str
     created_at: str | None
+
+
+class CheckpointFileOut(BaseModel):
+    path: str
+    size_bytes: int
+    sha256: str | None = Field(description="sha256 of the whole file; null in format 3, which checks each chunk instead.")
+    chunks: int | None = Field(description="Number of chunks; null in format 1.")
+
+
+class VerificationOut(BaseModel):
+    status: str = Field(description="passed, failed, or not_requested.")
+    message: str | None = None
+    seconds: float | None = None
+
+
+class CheckpointDetailOut(CheckpointOut):
+    format_version: int | None = Field(description="Manifest format version; null when the manifest is missing or unreadable.")
+    compression: str | None = Field(description="zstd or none for the chunks this checkpoint wrote; null in format 1.")
+    chunk_bytes: int | None = Field(description="Fixed chunk size of format 2; null in formats 1 and 3.")
+    chunk_count: int | None = Field(description="Distinct chunks the image uses.")
+    referenced_stored_bytes: int | None = Field(description="Bytes of all the chunk files the image uses, shared ones included.")
+    files: list[CheckpointFileOut]
+    manifest_error: str | None = Field(description="Error message of a manifest that could not be read; null when it was read.")
+    verification: VerificationOut
 
 
 class CheckpointList(BaseModel):

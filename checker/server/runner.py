@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from checker.config import Settings
-from checker.errors import CheckerError, CorruptCheckpointError, CriuError, ErrorCode
+from checker.errors import CheckerError, CorruptCheckpointError, CorruptRestoreCacheError, CriuError, ErrorCode
 from checker.runtimes.base import JobFiles, LaunchSpec, Runtime, write_identity
 from checker.runtimes.cgroups import Limits
 from checker.runtimes.procfs import ProcessIdentity
@@ -44,7 +44,7 @@ from checker.server.commands import (
 from checker.server.jobsockets import JobSockets
 from checker.server.locks import CheckpointLocks
 from checker.server.retry import RetryPolicy
-from checker.store.checkpoints import LocalCheckpointStore
+from checker.store.checkpoints import LocalCheckpointStore, Manifest, RestoreImage
 from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, JobState, StateStore
 
 logger = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ class JobRunner:
         job_files = {"stdout": self._file_size(self.files.stdout_path), "stderr": self._file_size(self.files.stderr_path)}
 
         started = time.monotonic()
-        hasher = self.context.checkpoints.hasher_for(staging).start()
+        writer = self.context.checkpoints.image_writer(self.job_id, staging).start()
         try:
             async with self._job_disconnected():
                 await self.runtime.checkpoint(
@@ -422,7 +422,7 @@ class JobRunner:
                 )
         except CheckerError as error:
             # After a failed dump CRIU lets the job run on, also in stop mode.
-            await asyncio.to_thread(hasher.cancel)
+            await asyncio.to_thread(writer.cancel)
             pending.dump_finished = True
             self._event("checkpoint_failed", error.message, checkpoint=number, criu_errors=getattr(error, "error_lines", []))
             logger.error("job %s: %s", self.job_id, error.message)
@@ -436,7 +436,6 @@ class JobRunner:
             self.process = None
 
         try:
-            hashed_already = await asyncio.to_thread(hasher.finish)
             manifest = await asyncio.to_thread(
                 self.context.checkpoints.commit,
                 staging,
@@ -446,7 +445,7 @@ class JobRunner:
                 runtime=self.job.runtime_type,
                 criu_version=self.context.criu_version,
                 job_files=job_files,
-                hashed_already=hashed_already,
+                writer=writer,
             )
         except OSError as error:
             message = f"{context} failed while storing the image: {error}"
@@ -465,13 +464,17 @@ class JobRunner:
             mode="keep-running" if pending.leave_running else "stop",
             location=str(self.context.checkpoints.location(self.job_id, number)),
             size_bytes=manifest.image_bytes,
+            stored_bytes=manifest.stored_bytes if manifest.chunked else manifest.image_bytes,
             dump_seconds=dump_seconds,
             total_seconds=total_seconds,
             status=CheckpointStatus.VALID,
             criu_version=self.context.criu_version,
             created_at=time.time(),
         )
-        message = f"checkpoint {number} of job {self.job_id}: {manifest.image_bytes / 1e6:.1f} MB, dump {dump_seconds:.3f} s, total {total_seconds:.3f} s"
+        message = (
+            f"checkpoint {number} of job {self.job_id}: {manifest.image_bytes / 1e6:.1f} MB, {record.stored_bytes / 1e6:.1f} MB stored, "
+            f"dump {dump_seconds:.3f} s, total {total_seconds:.3f} s"
+        )
         job_values, event_kind = None, "checkpoint"
         if pending.suspend is not None:
             job_values = self._suspended_values(pending.suspend, pending.tokens[0] if pending.tokens else None)
@@ -510,11 +513,24 @@ class JobRunner:
         shutil.rmtree(staging, ignore_errors=True)
 
     def _apply_retention(self) -> None:
-        """Delete all but the most recent `keep_checkpoints` valid checkpoints of the job."""
-        valid = self.context.state.list_checkpoints(self.job_id, [CheckpointStatus.VALID])
+        """Delete the job's valid checkpoints beyond the newest `keep_checkpoints`, then the chunks no checkpoint lists.
+
+        A checkpoint that a fork or restore has pinned is kept until a later
+        retention. The state store marks a checkpoint deleted before its files
+        go, so files that a crash left behind are deleted again here.
+        """
+        store = self.context.checkpoints
+        checkpoints = self.context.state.list_checkpoints(self.job_id)
+        valid = [c for c in checkpoints if c.status == CheckpointStatus.VALID]
         for old in valid[: -self.context.settings.keep_checkpoints]:
+            if store.is_pinned(self.job_id, old.number):
+                logger.info("job %s: checkpoint %d is in use by a fork or restore; it is deleted at a later checkpoint", self.job_id, old.number)
+                continue
             self.context.state.set_checkpoint_status(self.job_id, old.number, CheckpointStatus.DELETED)
-            self.context.checkpoints.delete(self.job_id, old.number)
+            store.delete(self.job_id, old.number)
+        for deleted in (c for c in checkpoints if c.status == CheckpointStatus.DELETED):
+            store.delete(self.job_id, deleted.number)
+        store.collect_garbage(self.job_id)
 
     def _criu_log(self, name: str) -> Path:
         """Path of one CRIU log of this job; each dump and restore keeps its own."""
@@ -626,33 +642,19 @@ class JobRunner:
     async def _restore(self, checkpoint: CheckpointRecord, reason: str) -> None:
         started = time.monotonic()
         store = self.context.checkpoints
-        manifest = store.read_manifest(self.job_id, checkpoint.number)
-        self._rewind_logs(manifest.job_files)
-
-        context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
-        image_dir = store.location(self.job_id, checkpoint.number)
-        log_path = self._criu_log(f"restore-{self.job.restore_count + 1}-from-{checkpoint.number}")
-
-        # CRIU restores the copy stopped while the image is verified on the other
-        # core; the copy runs only once every file matched its sha256.
-        verification = asyncio.create_task(asyncio.to_thread(store.verify, self.job_id, checkpoint.number))
-        if self.runtime.uses_job_socket:
-            # The copy's retried calls must see the restore recorded first, or
-            # a retried checkpoint call would be answered `restored: false`.
-            await self.context.job_sockets.stop_listening(self.job_id)
-        try:
-            process = await self.runtime.restore(self._launch_spec(), image_dir, log_path=log_path, context=context, leave_stopped=True)
-        except CheckerError:
-            await asyncio.gather(verification, return_exceptions=True)
-            if verification.exception() is not None:
-                raise verification.exception() from None  # A corrupt image explains the failed restore.
-            raise
-        try:
-            await verification
-        except CorruptCheckpointError:
-            await self.runtime.kill(process)
-            await self.runtime.wait(self._launch_spec(), process)
-            raise
+        with store.pinned(self.job_id, checkpoint.number):
+            manifest = store.read_manifest(self.job_id, checkpoint.number)
+            self._rewind_logs(manifest.job_files)
+            if self.runtime.uses_job_socket:
+                # The copy's retried calls must see the restore recorded first, or
+                # a retried checkpoint call would be answered `restored: false`.
+                await self.context.job_sockets.stop_listening(self.job_id)
+            try:
+                process, image, rebuild_seconds = await self._restore_from_image(checkpoint, manifest, use_cache=True)
+            except CorruptRestoreCacheError as error:
+                logger.warning("job %s: %s; rebuilding the image of checkpoint %d from its chunks", self.job_id, error.message, checkpoint.number)
+                await asyncio.to_thread(store.drop_restore_cache, self.job_id, checkpoint.number)
+                process, image, rebuild_seconds = await self._restore_from_image(checkpoint, manifest, use_cache=False)
         await self.runtime.resume(process)
         self.process = process
         seconds = time.monotonic() - started
@@ -664,7 +666,15 @@ class JobRunner:
             event=(
                 "restored",
                 message,
-                {"checkpoint": checkpoint.number, "restore": restore_number, "seconds": seconds, "pid": self.process.pid, "log_sizes": manifest.job_files},
+                {
+                    "checkpoint": checkpoint.number,
+                    "restore": restore_number,
+                    "seconds": seconds,
+                    "rebuild_seconds": rebuild_seconds,
+                    "image_source": image.source,
+                    "pid": self.process.pid,
+                    "log_sizes": manifest.job_files,
+                },
             ),
             state=JobState.RUNNING,
             pid=self.process.pid,
@@ -677,6 +687,44 @@ class JobRunner:
         logger.info(message)
         await self._listen_for_job()
         self._watch()
+
+    async def _restore_from_image(self, checkpoint: CheckpointRecord, manifest: Manifest, use_cache: bool) -> tuple[ProcessIdentity, RestoreImage, float]:
+        """Prepare the image files, restore from them, and return the restored process, the image and the seconds spent preparing it."""
+        store = self.context.checkpoints
+        started = time.monotonic()
+        image = await asyncio.to_thread(store.prepare_restore, manifest, use_cache)
+        prepare_seconds = time.monotonic() - started
+        try:
+            process = await self._restore_verified(checkpoint, manifest, image)
+        finally:
+            await asyncio.to_thread(store.release_restore, image)
+        return process, image, prepare_seconds
+
+    async def _restore_verified(self, checkpoint: CheckpointRecord, manifest: Manifest, image: RestoreImage) -> ProcessIdentity:
+        """Run `criu restore` from the image and return the restored process once the image files matched the manifest."""
+        store = self.context.checkpoints
+        context = f"restore of job {self.job_id} from checkpoint {checkpoint.number} (runtime {self.job.runtime_type})"
+        log_path = self._criu_log(f"restore-{self.job.restore_count + 1}-from-{checkpoint.number}")
+
+        # CRIU restores the copy stopped while the image files are verified on
+        # the other core; the copy runs only once every file matched its sha256.
+        if image.verified:
+            return await self.runtime.restore(self._launch_spec(), image.directory, log_path=log_path, context=context, leave_stopped=True)
+        verification = asyncio.create_task(asyncio.to_thread(store.verify_files, manifest, image.directory))
+        try:
+            process = await self.runtime.restore(self._launch_spec(), image.directory, log_path=log_path, context=context, leave_stopped=True)
+        except CheckerError:
+            await asyncio.gather(verification, return_exceptions=True)
+            if verification.exception() is not None:
+                raise verification.exception() from None  # A corrupt image explains the failed restore.
+            raise
+        try:
+            await verification
+        except CorruptCheckpointError:
+            await self.runtime.kill(process)
+            await self.runtime.wait(self._launch_spec(), process)
+            raise
+        return process
 
     # Suspension
 

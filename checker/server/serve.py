@@ -97,7 +97,12 @@ class Server:
         state = StateStore(self.settings.database_url or sqlite_url(self.settings.state_dir))
         if state.applied_migrations:
             logger.info("state store migrated to schema version %d", state.applied_migrations[-1])
-        checkpoints = LocalCheckpointStore(self.settings.checkpoints_dir, fsync=self.settings.fsync_checkpoints)
+        checkpoints = LocalCheckpointStore(
+            self.settings.checkpoints_dir,
+            fsync=self.settings.fsync_checkpoints,
+            compression_level=self.settings.checkpoint_compression_level,
+            dedupe=self.settings.checkpoint_dedupe,
+        )
         runtimes = create_runtimes(self.criu, self.settings.criu_timeout_seconds, self.settings.state_dir)
         manager = JobManager(self.settings, state, checkpoints, runtimes, self.api_url, self.criu.version, self.job_sockets)
         self.manager = manager

@@ -142,6 +142,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE job_definitions ADD COLUMN limits TEXT",
         "ALTER TABLE jobs ADD COLUMN limits TEXT",
     ]),
+    Migration(5, "stored bytes of checkpoints", lambda dialect: ["ALTER TABLE checkpoints ADD COLUMN stored_bytes BIGINT"]),
 )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Engine,
     Float,
@@ -131,6 +132,7 @@ checkpoints = Table(
     Column("status", String, nullable=False),
     Column("criu_version", String, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("stored_bytes", BigInteger),
 )
 
 checkpoint_tokens = Table(
@@ -269,6 +271,8 @@ class CheckpointRecord:
     status: str
     criu_version: str
     created_at: float
+    stored_bytes: int | None = None
+    """Bytes the checkpoint added to the store after deduplication and compression; None for checkpoints of older releases."""
 
 
 @dataclass(frozen=True)
