@@ -34,15 +34,21 @@ class StrictModel(BaseModel):
 
 
 class RuntimeSpec(StrictModel):
-    type: Literal["process", "sandbox"] = Field(description="Runtime type that runs the job.")
+    type: Literal["process", "sandbox", "container"] = Field(description="Runtime type that runs the job.")
     command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
     read_only_binds: list[str] | None = Field(
         default=None, description="sandbox only: host paths mounted read-only, each HOST_PATH or HOST_PATH:SANDBOX_PATH."
     )
     user_namespace: bool | None = Field(default=None, strict=True, description="sandbox only: run the job in a new user namespace.")
-    network: str | None = Field(default=None, description="sandbox only: 'host' (the default) shares the host's network.")
+    network: str | None = Field(default=None, description="sandbox and container: 'host' (the default) shares the host's network.")
     die_with_parent: bool | None = Field(default=None, strict=True, description="sandbox only: rejected, because a restored job would be killed.")
+    rootfs: str | None = Field(default=None, description="container only: host directory of the container's root file system, mounted read-only.")
+    mounts: list[str] | None = Field(
+        default=None, description="container only: host paths bind-mounted into the container, each HOST_PATH:CONTAINER_PATH[:ro|rw], read-only by default."
+    )
+    working_dir: str | None = Field(default=None, description="container only: the job's current directory inside the container (default /run/checker/job/work).")
+    python: str | None = Field(default=None, description="container only: Python inside the root file system that runs the container's init (default /usr/bin/python3).")
 
     @field_validator("command")
     @classmethod
