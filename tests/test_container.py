@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from checker.cli.client import APIError, CallerClient
 from checker.runtimes.cgroups import JobCgroup, detect_layout
 from checker.runtimes.container import RUNC_ROOT, container_prefix
 from conftest import REPO_ROOT, ServerProcess, event_kinds, wait_for_checkpoints, wait_until
-from test_limits import FORK_BOMB_JOB
+from test_limits import ALLOCATING_JOB, FORK_BOMB_JOB
 from test_sandbox import ISOLATION_JOB, MEMORY_JOB, SLEEP_JOB, open_gate, work_dir
 
 ROOTFS = Path(os.environ.get("CHECKER_TEST_ROOTFS", "/var/cache/checker-tests/rootfs-bookworm"))
@@ -213,6 +214,15 @@ def test_container_pids_limit_applied(client: CallerClient, job_script, rootfs: 
     assert result["output"]["refused"] >= 58
 
 
+def test_container_memory_limit_fails_job(client: CallerClient, job_script, rootfs: Path) -> None:
+    job = spawn_in_container(client, rootfs, job_script("allocating", ALLOCATING_JOB), limits={"memory_mib": 64})
+
+    result = client.result(job["id"], wait=90)
+    assert result["state"] == "failed", result
+    assert "out of memory" in result["error"]
+    assert client.get_job(job["id"])["error_code"] == "out_of_memory"
+
+
 def test_container_restore_keeps_memory_limit(server: ServerProcess, client: CallerClient, job_script, rootfs: Path) -> None:
     job = spawn_in_container(client, rootfs, job_script("memory", MEMORY_JOB), limits={"memory_mib": 256, "cpu_cores": 1.5})
     running = wait_for_checkpoints(client, job["id"], 1)
@@ -259,3 +269,18 @@ def test_container_rejects_configuration(client: CallerClient, job_script, rootf
         client.create_definition("rejected", [CONTAINER_PYTHON, "/job/rejected.py"], runtime=runtime)
     assert raised.value.status == 422
     assert expected in str(raised.value)
+
+
+def test_cli_creates_container_definition(server: ServerProcess, client: CallerClient, job_script, rootfs: Path) -> None:
+    script = job_script("memory", MEMORY_JOB)
+    arguments = ["definitions", "create", "memory", "--runtime", "container", "--rootfs", str(rootfs), "--mount", f"{script.parent}:/job"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "checker", *arguments, "--", CONTAINER_PYTHON, "/job/memory.py"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "CHECKER_SERVER_URL": server.url},
+    )
+    assert completed.returncode == 0, completed.stderr
+
+    runtime = client.list_definitions("memory")[0]["runtime"]
+    assert runtime["type"] == "container"
+    assert runtime["rootfs"] == str(rootfs)
+    assert runtime["mounts"] == [f"{script.parent}:/job"]
