@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-criu.sh
 scripts/install-bubblewrap.sh
+# The container runtime's tests need runc; they build their root file system on first use.
+scripts/install-runc.sh --debootstrap
 # The state store's PostgreSQL tests run a throwaway cluster from Debian's package.
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt-get update -qq
