@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-criu.sh
 scripts/install-bubblewrap.sh
-# The container runtime's tests need runc; they build their root file system on first use.
+# The container and podman runtimes' tests need runc and podman; they build their
+# root file system (and import it into podman) on first use.
 scripts/install-runc.sh --debootstrap
+scripts/install-podman.sh
 # The state store's PostgreSQL tests run a throwaway cluster from Debian's package.
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt-get update -qq

@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     definitions_create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="Environment variable of every job of this version.")
     definitions_create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Metadata of the definition; repeat for several.")
     definitions_create.add_argument("--execution-timeout", type=float, help="Seconds a job may run, suspended time included, before it fails.")
-    definitions_create.add_argument("--runtime", choices=["process", "sandbox", "container"], default="process", help="Runtime of the jobs (default process).")
+    definitions_create.add_argument("--runtime", choices=["process", "sandbox", "container", "podman"], default="process", help="Runtime of the jobs (default process).")
     definitions_create.add_argument(
         "--read-only-bind", action="append", default=[], metavar="HOST_PATH[:SANDBOX_PATH]", help="sandbox only: a host path the job may read; repeat for several."
     )

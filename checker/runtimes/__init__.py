@@ -4,10 +4,11 @@ from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime
 from checker.runtimes.cgroups import Limits
 from checker.runtimes.container import ContainerRuntime
 from checker.runtimes.criu import Criu, find_criu
+from checker.runtimes.podman import PodmanRuntime
 from checker.runtimes.process import ProcessRuntime
 from checker.runtimes.sandbox import SandboxRuntime
 
-RUNTIME_TYPES = ("process", "sandbox", "container")
+RUNTIME_TYPES = ("process", "sandbox", "container", "podman")
 
 
 def create_runtimes(criu: Criu, criu_timeout_seconds: float) -> dict[str, Runtime]:
@@ -16,6 +17,7 @@ def create_runtimes(criu: Criu, criu_timeout_seconds: float) -> dict[str, Runtim
         "process": ProcessRuntime(criu, criu_timeout_seconds),
         "sandbox": SandboxRuntime(criu, criu_timeout_seconds),
         "container": ContainerRuntime(criu, criu_timeout_seconds),
+        "podman": PodmanRuntime(criu, criu_timeout_seconds),
     }
 
 

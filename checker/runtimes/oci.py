@@ -84,15 +84,26 @@ def path_in_rootfs(rootfs: Path, inside: str) -> Path:
     return rootfs / inside.lstrip("/")
 
 
-def validate_container_config(config: dict) -> None:
-    """Raise ValueError naming the field when a `container` runtime configuration is invalid."""
-    unknown = sorted(set(config) - ALLOWED_KEYS)
+def validate_container_config(config: dict, runtime_name: str = "container", allowed_keys: frozenset[str] = ALLOWED_KEYS) -> None:
+    """Raise ValueError naming the field when a `container` runtime configuration is invalid.
+
+    Without "rootfs" in `allowed_keys` (the podman runtime, whose root is an
+    image) the root file system is not checked.
+    """
+    unknown = sorted(set(config) - allowed_keys)
     if unknown:
-        raise ValueError(f"runtime.{unknown[0]} is not an option of the container runtime; its options are {', '.join(sorted(ALLOWED_KEYS))}")
+        raise ValueError(f"runtime.{unknown[0]} is not an option of the {runtime_name} runtime; its options are {', '.join(sorted(allowed_keys))}")
 
     validate_command_and_env(config)
+    python = config.get("python", DEFAULT_PYTHON)
+    if not isinstance(python, str) or not python.startswith("/"):
+        raise ValueError(f"runtime.python {python!r} is invalid; give the absolute path of a Python 3 inside the root file system")
+    if "rootfs" in allowed_keys:
+        validate_rootfs(config.get("rootfs"), python)
+    validate_mounts_and_network(config)
 
-    rootfs_text = config.get("rootfs")
+
+def validate_rootfs(rootfs_text: object, python: str) -> None:
     if not isinstance(rootfs_text, str) or not rootfs_text:
         raise ValueError("runtime.rootfs is missing; set it to the host directory of the container's root file system (see scripts/build-rootfs.sh)")
     rootfs = Path(rootfs_text)
@@ -101,15 +112,14 @@ def validate_container_config(config: dict) -> None:
     if not rootfs.is_dir():
         raise ValueError(f"runtime.rootfs {rootfs_text!r} is not a directory on this host; build one with scripts/build-rootfs.sh DIR")
 
-    python = config.get("python", DEFAULT_PYTHON)
-    if not isinstance(python, str) or not python.startswith("/"):
-        raise ValueError(f"runtime.python {python!r} is invalid; give the absolute path of a Python 3 inside the root file system")
     if not os.path.lexists(path_in_rootfs(rootfs, python)):
         raise ValueError(
             f"runtime.rootfs {rootfs_text!r} has no {python}: the container's init (Checker's pidinit.py) runs with it; "
             "install python3 in the root file system or set runtime.python"
         )
 
+
+def validate_mounts_and_network(config: dict) -> None:
     mounts = config.get("mounts") or []
     if not isinstance(mounts, list) or not all(isinstance(mount, str) for mount in mounts):
         raise ValueError("runtime.mounts must be a list of strings, each HOST_PATH:CONTAINER_PATH[:ro|rw]")

@@ -352,10 +352,14 @@ def check_image_fits(spec: LaunchSpec, image_dir: Path, context: str) -> None:
     Without this check CRIU would start the restore and the kernel would kill
     it half-way with the OOM killer, which reads as a crash.
     """
+    check_image_fits_bytes(spec, image_memory_bytes(image_dir), context)
+
+
+def check_image_fits_bytes(spec: LaunchSpec, pages: int, context: str) -> None:
+    """Reject a restore of an image with `pages` bytes of memory pages above the job's memory limit."""
     limit = spec.limits.memory_bytes
     if limit is None:
         return
-    pages = image_memory_bytes(image_dir)
     if pages > limit:
         raise CheckerError(
             ErrorCode.RESTORE_FAILED,

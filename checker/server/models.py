@@ -34,7 +34,7 @@ class StrictModel(BaseModel):
 
 
 class RuntimeSpec(StrictModel):
-    type: Literal["process", "sandbox", "container"] = Field(description="Runtime type that runs the job.")
+    type: Literal["process", "sandbox", "container", "podman"] = Field(description="Runtime type that runs the job.")
     command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
     read_only_binds: list[str] | None = Field(
@@ -44,11 +44,12 @@ class RuntimeSpec(StrictModel):
     network: str | None = Field(default=None, description="sandbox and container: 'host' (the default) shares the host's network.")
     die_with_parent: bool | None = Field(default=None, strict=True, description="sandbox only: rejected, because a restored job would be killed.")
     rootfs: str | None = Field(default=None, description="container only: host directory of the container's root file system, mounted read-only.")
+    image: str | None = Field(default=None, description="podman only: name of an image in podman's local storage, e.g. localhost/etl:latest.")
     mounts: list[str] | None = Field(
-        default=None, description="container only: host paths bind-mounted into the container, each HOST_PATH:CONTAINER_PATH[:ro|rw], read-only by default."
+        default=None, description="container and podman: host paths bind-mounted into the container, each HOST_PATH:CONTAINER_PATH[:ro|rw], read-only by default."
     )
-    working_dir: str | None = Field(default=None, description="container only: the job's current directory inside the container (default /run/checker/job/work).")
-    python: str | None = Field(default=None, description="container only: Python inside the root file system that runs the container's init (default /usr/bin/python3).")
+    working_dir: str | None = Field(default=None, description="container and podman: the job's current directory inside the container (default /run/checker/job/work).")
+    python: str | None = Field(default=None, description="container and podman: Python inside the root file system or image that runs the container's init (default /usr/bin/python3).")
 
     @field_validator("command")
     @classmethod
