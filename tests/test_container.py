@@ -30,6 +30,23 @@ CONTAINER_PYTHON = "/usr/bin/python3"
 pytestmark = pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed; run scripts/install-runc.sh")
 
 
+# Writes a file before its checkpoint and one after, then waits to be killed.
+FILES_JOB = """
+    import os, time
+    import checker
+
+    with open("before.txt", "w") as before:
+        before.write("kept")
+    result = checker.checkpoint()
+    if not result.restored:
+        with open("after.txt", "w") as after:
+            after.write("rolled back")
+        for _ in range(3000):
+            time.sleep(0.02)
+    checker.exit({"before": os.path.exists("before.txt"), "after": os.path.exists("after.txt")})
+"""
+
+
 @pytest.fixture(scope="session")
 def rootfs() -> Path:
     """Return a Debian root file system with python3, building it on first use."""
@@ -97,20 +114,7 @@ def test_container_checkpoint_keeps_running(server: ServerProcess, client: Calle
 
 
 def test_container_work_dir_rolled_back(server: ServerProcess, client: CallerClient, job_script, rootfs: Path) -> None:
-    script = job_script("files", """
-        import os, time
-        import checker
-
-        with open("before.txt", "w") as before:
-            before.write("kept")
-        result = checker.checkpoint()
-        if not result.restored:
-            with open("after.txt", "w") as after:
-                after.write("rolled back")
-            for _ in range(3000):
-                time.sleep(0.02)
-        checker.exit({"before": os.path.exists("before.txt"), "after": os.path.exists("after.txt")})
-    """)
+    script = job_script("files", FILES_JOB)
     job = spawn_in_container(client, rootfs, script)
     running = wait_for_checkpoints(client, job["id"], 1)
     wait_until(lambda: (work_dir(server, job["id"]) / "after.txt").exists(), 30, "the job to write after.txt")

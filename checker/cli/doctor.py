@@ -23,6 +23,7 @@ from checker.runtimes import sandbox
 from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.cgroups import detect_layout
 from checker.runtimes.container import find_runc
+from checker.runtimes.podman import find_podman
 from checker.runtimes.criu import Criu, CriuNotFoundError, find_criu
 from checker.runtimes.process import ProcessRuntime
 from checker.runtimes.procfs import become_child_subreaper
@@ -139,8 +140,25 @@ def check_runtimes(criu_usable: bool, root: bool, bubblewrap: bool) -> list[Chec
     missing_controllers = layout.missing(["memory", "cpu", "pids"])
     detail = layout.describe() if not missing_controllers else f"{layout.describe()}; limits that need them are rejected"
     results.append(CheckResult("limits", not missing_controllers, detail, required=False))
-    results.append(check_container_runtime(criu_usable, root))
+    container = check_container_runtime(criu_usable, root)
+    results.append(container)
+    results.append(check_podman_runtime(container))
     return results
+
+
+def check_podman_runtime(container: CheckResult) -> CheckResult:
+    """Report whether `podman` jobs can run: everything the container runtime needs, and podman."""
+    missing = [container.detail.removeprefix("unusable: ")] if not container.ok else []
+    podman = find_podman()
+    version = ""
+    if podman is None:
+        missing.append("podman not found; install it with scripts/install-podman.sh")
+    else:
+        completed = subprocess.run([podman, "--version"], capture_output=True, text=True, timeout=30)
+        version = completed.stdout.strip() or completed.stderr.strip()
+    if missing:
+        return CheckResult("runtime podman", False, "unusable: " + "; ".join(missing), required=False)
+    return CheckResult("runtime podman", True, f"usable with {podman} ({version}) and runc; each definition needs an image with python3 in podman's local storage", required=False)
 
 
 def check_container_runtime(criu_usable: bool, root: bool) -> CheckResult:
