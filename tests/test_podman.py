@@ -17,7 +17,7 @@ import pytest
 from checker.cli.client import APIError, CallerClient
 from conftest import ServerProcess, event_kinds, wait_for_checkpoints, wait_until
 from test_container import CONTAINER_PYTHON, FILES_JOB, rootfs  # noqa: F401 (the rootfs fixture)
-from test_limits import FORK_BOMB_JOB
+from test_limits import ALLOCATING_JOB, FORK_BOMB_JOB
 from test_sandbox import MEMORY_JOB, SLEEP_JOB, open_gate, work_dir
 
 IMAGE = "localhost/checker-test-bookworm:latest"
@@ -141,6 +141,14 @@ def test_podman_pids_limit_applied(client: CallerClient, job_script, image: str)
     assert result["state"] == "completed", result
     assert result["output"]["forked"] <= 6
     assert result["output"]["refused"] >= 58
+
+
+def test_podman_memory_limit_fails_job(client: CallerClient, job_script, image: str) -> None:
+    job = spawn_in_podman(client, image, job_script("allocating", ALLOCATING_JOB), limits={"memory_mib": 64})
+
+    result = client.result(job["id"], wait=90)
+    assert result["state"] == "failed", result
+    assert client.get_job(job["id"])["error_code"] == "out_of_memory"
 
 
 @pytest.mark.parametrize(

@@ -185,9 +185,14 @@ class WatchedRun:
 
 
 async def run_watched(
-    command: list[str], *, timeout: float | None, abandon_when: Callable[[], str | None] | None = None, env: dict[str, str] | None = None
+    command: list[str],
+    *,
+    timeout: float | None,
+    abandon_when: Callable[[], str | None] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> WatchedRun:
-    """Run CRIU, or a program that runs CRIU (runc), killing it as run_criu() describes."""
+    """Run CRIU, or a program that runs CRIU (runc, podman), killing it as run_criu() describes."""
     process = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.DEVNULL,
@@ -195,6 +200,7 @@ async def run_watched(
         stderr=asyncio.subprocess.PIPE,
         close_fds=True,
         env=None if env is None else {**os.environ, **env},
+        cwd=cwd,
     )
     communication = asyncio.ensure_future(process.communicate())
     abandoned = await _watch_criu(communication, timeout, abandon_when)

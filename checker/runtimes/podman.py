@@ -55,6 +55,9 @@ MAX_PROCESSES_LIMIT = 32768
 
 ALLOWED_KEYS = (oci.ALLOWED_KEYS - {"rootfs"}) | {"image"}
 
+PODMAN_WORKING_DIR = BUNDLES_DIR
+"""Working directory of podman and its conmon processes, which write an "oom" file there after an OOM kill."""
+
 
 def find_podman() -> str | None:
     return shutil.which("podman")
@@ -109,8 +112,15 @@ class PodmanRuntime(ContainerRuntime):
         return {"PATH": f"{self.criu.path.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
 
     async def _run_podman(self, podman: str, *arguments: str, timeout: float = PODMAN_TIMEOUT_SECONDS) -> subprocess.CompletedProcess:
+        BUNDLES_DIR.mkdir(parents=True, exist_ok=True)
         return await asyncio.to_thread(
-            subprocess.run, [podman, *PODMAN_OPTIONS, *arguments], capture_output=True, text=True, timeout=timeout, env={**os.environ, **self._env()}
+            subprocess.run,
+            [podman, *PODMAN_OPTIONS, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **self._env()},
+            cwd=PODMAN_WORKING_DIR,
         )
 
     def _run_arguments(self, spec: LaunchSpec, name: str, criu_config: Path) -> list[str]:
@@ -206,7 +216,8 @@ class PodmanRuntime(ContainerRuntime):
 
     async def _run_checkpoint_command(self, podman: str, arguments: list[str], log_path: Path, code: ErrorCode, context: str, **options) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        run = await run_watched([podman, *PODMAN_OPTIONS, *arguments], timeout=self.criu_timeout_seconds, env=self._env(), **options)
+        BUNDLES_DIR.mkdir(parents=True, exist_ok=True)
+        run = await run_watched([podman, *PODMAN_OPTIONS, *arguments], timeout=self.criu_timeout_seconds, env=self._env(), cwd=PODMAN_WORKING_DIR, **options)
         log_path.write_text(run.stderr + "\n")
         if run.abandoned is not None:
             raise CheckerError(code, f"{context} failed: {run.abandoned}, so podman was stopped")
@@ -265,18 +276,32 @@ class PodmanRuntime(ContainerRuntime):
         if name is None and podman is not None:
             name = await self._find_container(podman, spec.job_id, process.pid)
 
+        memory_cgroup = self._memory_cgroup_of(process.pid)
         wait_status = await procfs.wait_for_exit(process)
         status = read_exit_status(spec.files, wait_status)
         self._containers.pop(process.pid, None)
-        if name is None or podman is None:
-            return status
 
-        if status.signal == signal.SIGKILL or not status.reported:
-            completed = await self._run_podman(podman, "inspect", "--format", "{{.State.OOMKilled}}", name)
-            if completed.stdout.strip() == "true":
-                status = dataclasses.replace(status, out_of_memory=True)
-        await self._remove(podman, name)
+        # podman 4.3.1's OOMKilled stays false here (conmon writes its "oom" file
+        # to its working directory), so the container's own cgroup is read.
+        killed_by_kernel = status.signal == signal.SIGKILL or not status.reported
+        if killed_by_kernel and memory_cgroup is not None and read_out_of_memory_kills(memory_cgroup) > 0:
+            status = dataclasses.replace(status, out_of_memory=True)
+        if name is not None and podman is not None:
+            await self._remove(podman, name)
         return status
+
+    def _memory_cgroup_of(self, pid: int) -> Path | None:
+        """Return the v1 memory cgroup directory of process `pid`, or None (cgroup v2, or the process is gone)."""
+        mount = self.cgroup_layout.v1_mounts.get("memory")
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if mount is not None and "memory" in controllers.split(","):
+                return mount / path.lstrip("/")
+        return None
 
     async def cleanup(self, spec: LaunchSpec) -> None:
         podman = find_podman()
@@ -310,6 +335,19 @@ class PodmanRuntime(ContainerRuntime):
         completed = await self._run_podman(podman, "rm", "--force", "--time", "0", name)
         if completed.returncode != 0 and "no such container" not in completed.stderr:
             logger.error("podman rm of container %s failed: %s", name, completed.stderr.strip())
+
+
+def read_out_of_memory_kills(memory_cgroup: Path) -> int:
+    """Return the OOM kill count of a v1 memory cgroup, 0 when the cgroup is gone already."""
+    try:
+        text = (memory_cgroup / "memory.oom_control").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
 
 
 def write_snapshot_script(path: Path, work_dir: Path, target: Path) -> None:
