@@ -39,6 +39,7 @@ from pathlib import Path
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import oci, procfs, worksnapshot
 from checker.runtimes.base import ExitStatus, LaunchSpec, read_exit_status
+from checker.runtimes.cgroups import read_oom_kill_count
 from checker.runtimes.container import BUNDLES_DIR, DUMP_CRIU_OPTIONS, RESTORE_CRIU_OPTIONS, ContainerRuntime, container_prefix, new_container_id, write_criu_config
 from checker.runtimes.criu import MAX_ERROR_LINES, run_watched
 from checker.runtimes.process import ProcessRuntime, check_image_fits_bytes, put_back_work_dir
@@ -284,7 +285,7 @@ class PodmanRuntime(ContainerRuntime):
         # podman 4.3.1's OOMKilled stays false here (conmon writes its "oom" file
         # to its working directory), so the container's own cgroup is read.
         killed_by_kernel = status.signal == signal.SIGKILL or not status.reported
-        if killed_by_kernel and memory_cgroup is not None and read_out_of_memory_kills(memory_cgroup) > 0:
+        if killed_by_kernel and memory_cgroup is not None and read_oom_kill_count(memory_cgroup / "memory.oom_control") > 0:
             status = dataclasses.replace(status, out_of_memory=True)
         if name is not None and podman is not None:
             await self._remove(podman, name)
@@ -335,19 +336,6 @@ class PodmanRuntime(ContainerRuntime):
         completed = await self._run_podman(podman, "rm", "--force", "--time", "0", name)
         if completed.returncode != 0 and "no such container" not in completed.stderr:
             logger.error("podman rm of container %s failed: %s", name, completed.stderr.strip())
-
-
-def read_out_of_memory_kills(memory_cgroup: Path) -> int:
-    """Return the OOM kill count of a v1 memory cgroup, 0 when the cgroup is gone already."""
-    try:
-        text = (memory_cgroup / "memory.oom_control").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            return int(value)
-    return 0
 
 
 def write_snapshot_script(path: Path, work_dir: Path, target: Path) -> None:
