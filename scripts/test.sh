@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 scripts/install-criu.sh
 scripts/install-bubblewrap.sh
 scripts/install-runsc.sh
+# The container and podman runtimes' tests need runc and podman; they build their
+# root file system (and import it into podman) on first use.
+scripts/install-runc.sh --debootstrap
+scripts/install-podman.sh
 # The state store's PostgreSQL tests run a throwaway cluster from Debian's package.
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt-get update -qq

@@ -113,6 +113,8 @@ def test_doctor_passes_here() -> None:
     assert "[ok  ] criu check" in completed.stdout
     assert "[ok  ] runtime process: usable" in completed.stdout
     assert "[ok  ] runtime sandbox: usable" in completed.stdout
+    assert "[ok  ] runtime container: usable with" in completed.stdout
+    assert "[ok  ] runtime podman: usable with" in completed.stdout
     assert "[ok  ] limits:" in completed.stdout
 
 
@@ -121,6 +123,8 @@ def test_doctor_fails_without_criu(tmp_path: Path) -> None:
     assert completed.returncode == 1
     assert "[FAIL] CRIU" in completed.stdout
     assert "[info] runtime sandbox: unusable: no usable CRIU" in completed.stdout
+    assert "[info] runtime container: unusable: no usable CRIU" in completed.stdout
+    assert "[info] runtime podman: unusable: no usable CRIU" in completed.stdout
     assert "required check(s) failed" in completed.stderr
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from checker.runtimes import sandbox
 from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.cgroups import detect_layout
+from checker.runtimes.container import find_runc
+from checker.runtimes.podman import find_podman
 from checker.runtimes.criu import Criu, CriuNotFoundError, find_criu
 from checker.runtimes.gvisor import find_runsc
 from checker.runtimes.process import ProcessRuntime
@@ -139,10 +141,65 @@ def check_runtimes(criu_usable: bool, root: bool, bubblewrap: bool) -> list[Chec
     missing_controllers = layout.missing(["memory", "cpu", "pids"])
     detail = layout.describe() if not missing_controllers else f"{layout.describe()}; limits that need them are rejected"
     results.append(CheckResult("limits", not missing_controllers, detail, required=False))
+    container = check_container_runtime(criu_usable, root)
+    results.append(container)
+    results.append(check_podman_runtime(container))
     results.append(check_gvisor())
-    results.append(CheckResult("runtime container", False, "not built: this release has no OCI (runc) runtime", required=False))
     results.append(CheckResult("runtime vm", False, "not built: this release has no QEMU microVM runtime", required=False))
     return results
+
+
+def check_podman_runtime(container: CheckResult) -> CheckResult:
+    """Report whether `podman` jobs can run: everything the container runtime needs, and podman."""
+    missing = [container.detail.removeprefix("unusable: ")] if not container.ok else []
+    podman = find_podman()
+    version = ""
+    if podman is None:
+        missing.append("podman not found; install it with scripts/install-podman.sh")
+    else:
+        completed = subprocess.run([podman, "--version"], capture_output=True, text=True, timeout=30)
+        version = completed.stdout.strip() or completed.stderr.strip()
+    if missing:
+        return CheckResult("runtime podman", False, "unusable: " + "; ".join(missing), required=False)
+    return CheckResult("runtime podman", True, f"usable with {podman} ({version}) and runc; each definition needs an image with python3 in podman's local storage", required=False)
+
+
+def check_container_runtime(criu_usable: bool, root: bool) -> CheckResult:
+    """Report whether `container` jobs can run: runc present, CRIU usable, a freezer cgroup to freeze containers with."""
+    missing: list[str] = []
+    if not root:
+        missing.append("the server must run as root")
+    if not criu_usable:
+        missing.append("no usable CRIU")
+    runc = find_runc()
+    version = ""
+    if runc is None:
+        missing.append("runc not found; install it with scripts/install-runc.sh")
+    else:
+        completed = subprocess.run([runc, "--version"], capture_output=True, text=True, timeout=30)
+        first_line = completed.stdout.strip().splitlines()[0] if completed.stdout.strip() else ""
+        if completed.returncode != 0 or not first_line:
+            missing.append(f"{runc} --version failed with {completed.returncode}: {completed.stderr.strip()}")
+        version = f"{runc} ({first_line})"
+    if not freezer_available():
+        missing.append("no freezer cgroup (v1 freezer controller or cgroup v2), which runc needs to freeze a container for a checkpoint")
+
+    if missing:
+        return CheckResult("runtime container", False, "unusable: " + "; ".join(missing), required=False)
+    return CheckResult("runtime container", True, f"usable with {version}; each definition needs a root file system with python3 (scripts/build-rootfs.sh)", required=False)
+
+
+def freezer_available() -> bool:
+    """Return whether a freezer cgroup exists: the v1 freezer controller, or any cgroup2 mount (cgroup.freeze)."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            _, _, after = line.partition(" - ")
+            fields_after = after.split()
+            if not fields_after:
+                continue
+            if fields_after[0] == "cgroup2" or (fields_after[0] == "cgroup" and "freezer" in fields_after[-1].split(",")):
+                return True
+    return False
 
 
 def runtime_result(name: str, missing: list[str]) -> CheckResult:

@@ -460,6 +460,10 @@ def command_definitions_create(args: argparse.Namespace) -> int:
         runtime["read_only_binds"] = args.read_only_bind
     if args.user_namespace:
         runtime["user_namespace"] = True
+    if args.rootfs:
+        runtime["rootfs"] = args.rootfs
+    if args.mount:
+        runtime["mounts"] = args.mount
     limits = {name: value for name, value in (("memory_mib", args.memory_mib), ("cpu_cores", args.cpu_cores), ("pids", args.pids)) if value is not None}
     with connect(args) as client:
         definition = client.create_definition(
@@ -574,11 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
     definitions_create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="Environment variable of every job of this version.")
     definitions_create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Metadata of the definition; repeat for several.")
     definitions_create.add_argument("--execution-timeout", type=float, help="Seconds a job may run, suspended time included, before it fails.")
-    definitions_create.add_argument("--runtime", choices=["process", "sandbox"], default="process", help="Runtime of the jobs (default process).")
+    definitions_create.add_argument("--runtime", choices=["process", "sandbox", "container", "podman"], default="process", help="Runtime of the jobs (default process).")
     definitions_create.add_argument(
         "--read-only-bind", action="append", default=[], metavar="HOST_PATH[:SANDBOX_PATH]", help="sandbox only: a host path the job may read; repeat for several."
     )
     definitions_create.add_argument("--user-namespace", action="store_true", help="sandbox only: run the job in its own user namespace.")
+    definitions_create.add_argument("--rootfs", metavar="DIR", help="container only: host directory of the container's root file system, with python3.")
+    definitions_create.add_argument(
+        "--mount", action="append", default=[], metavar="HOST_PATH:CONTAINER_PATH[:ro|rw]", help="container only: a host path mounted into the container (read-only unless :rw); repeat for several."
+    )
     definitions_create.add_argument("--memory-mib", type=int, help="Memory limit (RAM and swap) of each job, in MiB.")
     definitions_create.add_argument("--cpu-cores", type=float, help="CPU quota of each job, in cores (e.g. 0.5).")
     definitions_create.add_argument("--pids", type=int, help="Maximum number of processes and threads of each job.")

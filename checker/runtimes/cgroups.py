@@ -257,15 +257,7 @@ class JobCgroup:
         if directory is None:
             return 0
         name = "memory.events" if self.layout.version_of("memory") == 2 else "memory.oom_control"
-        try:
-            text = (directory / name).read_text()
-        except OSError:
-            return 0
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
+        return read_oom_kill_count(directory / name)
 
     def list_processes(self) -> list[int]:
         found: set[int] = set()
@@ -303,6 +295,19 @@ class JobCgroup:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def read_oom_kill_count(path: Path) -> int:
+    """Return the `oom_kill` count of a memory.oom_control (v1) or memory.events (v2) file, 0 when it cannot be read."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
 
 
 def image_memory_bytes(image_dir: Path) -> int:

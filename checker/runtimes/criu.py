@@ -156,6 +156,43 @@ async def run_criu(
     and lets the init exit.
     """
     command = [str(criu.path), *arguments, "--log-file", str(log_path)]
+    run = await run_watched(command, timeout=timeout, abandon_when=abandon_when, env=env)
+    if run.abandoned is not None:
+        message = f"{context} failed: {run.abandoned}, so CRIU was stopped (log: {log_path})"
+        raise CriuError(code, message, str(log_path), first_error_lines(log_path))
+    if run.returncode == 0:
+        return
+
+    error_lines = first_error_lines(log_path)
+    if not error_lines:
+        error_lines = [line for line in run.stderr.splitlines() if line][:MAX_ERROR_LINES]
+    reported = "; ".join(f"'{line}'" for line in error_lines) or "no error lines in its log"
+    message = f"{context} failed: CRIU exited with {run.returncode} and reported {reported} (log: {log_path})"
+    raise CriuError(code, message, str(log_path), error_lines)
+
+
+@dataclass(frozen=True)
+class WatchedRun:
+    """Outcome of a command run under the watchdog of run_watched()."""
+
+    returncode: int | None
+    """Exit code, or None when the watchdog killed the command."""
+
+    stderr: str
+
+    abandoned: str | None
+    """Reason the watchdog killed the command, or None when it ended by itself."""
+
+
+async def run_watched(
+    command: list[str],
+    *,
+    timeout: float | None,
+    abandon_when: Callable[[], str | None] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> WatchedRun:
+    """Run CRIU, or a program that runs CRIU (runc, podman), killing it as run_criu() describes."""
     process = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.DEVNULL,
@@ -163,26 +200,17 @@ async def run_criu(
         stderr=asyncio.subprocess.PIPE,
         close_fds=True,
         env=None if env is None else {**os.environ, **env},
+        cwd=cwd,
     )
     communication = asyncio.ensure_future(process.communicate())
     abandoned = await _watch_criu(communication, timeout, abandon_when)
     if abandoned is not None:
         process.kill()
         await asyncio.wait({communication})
-        message = f"{context} failed: {abandoned}, so CRIU was stopped (log: {log_path})"
-        raise CriuError(code, message, str(log_path), first_error_lines(log_path))
+        return WatchedRun(returncode=None, stderr="", abandoned=abandoned)
 
     _, stderr = communication.result()
-    if process.returncode == 0:
-        return
-
-    error_lines = first_error_lines(log_path)
-    if not error_lines:
-        stderr_text = stderr.decode(errors="replace").strip()
-        error_lines = [line for line in stderr_text.splitlines() if line][:MAX_ERROR_LINES]
-    reported = "; ".join(f"'{line}'" for line in error_lines) or "no error lines in its log"
-    message = f"{context} failed: CRIU exited with {process.returncode} and reported {reported} (log: {log_path})"
-    raise CriuError(code, message, str(log_path), error_lines)
+    return WatchedRun(returncode=process.returncode, stderr=stderr.decode(errors="replace").strip(), abandoned=None)
 
 
 async def _watch_criu(communication: asyncio.Future, timeout: float | None, abandon_when: Callable[[], str | None] | None) -> str | None:

@@ -85,6 +85,16 @@ def launch_command(job_dir: Path, command: list[str]) -> list[str]:
     ]
 
 
+def validate_command_and_env(config: dict) -> None:
+    """Raise ValueError when the `command` or `env` of a runtime configuration is invalid."""
+    command = config.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(part, str) and part for part in command):
+        raise ValueError("runtime.command must be a non-empty list of non-empty strings, e.g. [\"python3\", \"job.py\"]")
+    env = config.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("runtime.env must be an object of string values")
+
+
 def restore_options(job_dir: Path, root: Path = Path("/")) -> list[str]:
     """Return the options of a `criu restore` that mounts `job_dir` as the restored job's directory.
 
@@ -120,12 +130,7 @@ class ProcessRuntime(Runtime):
         unknown = sorted(set(config) - self.allowed_config_keys)
         if unknown:
             raise ValueError(f"runtime.{unknown[0]} is not an option of the {self.type_name} runtime; its options are {', '.join(sorted(self.allowed_config_keys))}")
-        command = config.get("command")
-        if not isinstance(command, list) or not command or not all(isinstance(part, str) and part for part in command):
-            raise ValueError("runtime.command must be a non-empty list of non-empty strings, e.g. [\"python3\", \"job.py\"]")
-        env = config.get("env", {})
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise ValueError("runtime.env must be an object of string values")
+        validate_command_and_env(config)
 
     def validate_limits(self, limits: Limits) -> None:
         """Raise ValueError when this machine has no cgroup controller for a limit in `limits`."""
@@ -250,11 +255,7 @@ class ProcessRuntime(Runtime):
 
     async def restore(self, spec: LaunchSpec, image_dir: Path, *, log_path: Path, context: str, leave_stopped: bool = False) -> ProcessIdentity:
         check_image_fits(spec, image_dir, context)
-        try:
-            await asyncio.to_thread(worksnapshot.put_back_work_dir, image_dir, spec.files.work_dir)
-        except (OSError, tarfile.TarError) as error:
-            raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: cannot put back the work directory from {image_dir / worksnapshot.SNAPSHOT_NAME}: {error}") from error
-        spec.files.exit_status_path.unlink(missing_ok=True)
+        await put_back_work_dir(spec, image_dir, context)
 
         log_path.parent.mkdir(parents=True, exist_ok=True)
         pid_file = spec.files.job_dir / "restored.pid"
@@ -337,16 +338,29 @@ class ProcessRuntime(Runtime):
             logger.error("job %s: cannot remove its cgroup: %s", spec.job_id, error)
 
 
+async def put_back_work_dir(spec: LaunchSpec, image_dir: Path, context: str) -> None:
+    """Replace the job's work directory with the image's archive of it, and clear the old exit status."""
+    try:
+        await asyncio.to_thread(worksnapshot.put_back_work_dir, image_dir, spec.files.work_dir)
+    except (OSError, tarfile.TarError) as error:
+        raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: cannot put back the work directory from {image_dir / worksnapshot.SNAPSHOT_NAME}: {error}") from error
+    spec.files.exit_status_path.unlink(missing_ok=True)
+
+
 def check_image_fits(spec: LaunchSpec, image_dir: Path, context: str) -> None:
     """Reject a restore whose image has more memory pages than the job's memory limit.
 
     Without this check CRIU would start the restore and the kernel would kill
     it half-way with the OOM killer, which reads as a crash.
     """
+    check_image_fits_bytes(spec, image_memory_bytes(image_dir), context)
+
+
+def check_image_fits_bytes(spec: LaunchSpec, pages: int, context: str) -> None:
+    """Reject a restore of an image with `pages` bytes of memory pages above the job's memory limit."""
     limit = spec.limits.memory_bytes
     if limit is None:
         return
-    pages = image_memory_bytes(image_dir)
     if pages > limit:
         raise CheckerError(
             ErrorCode.RESTORE_FAILED,

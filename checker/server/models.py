@@ -34,24 +34,34 @@ class StrictModel(BaseModel):
 
 
 class RuntimeSpec(StrictModel):
-    type: Literal["process", "sandbox", "gvisor"] = Field(description="Runtime type that runs the job.")
+    type: Literal["process", "sandbox", "container", "podman", "gvisor"] = Field(description="Runtime type that runs the job.")
     command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
     read_only_binds: list[str] | None = Field(
         default=None, description="sandbox only: host paths mounted read-only, each HOST_PATH or HOST_PATH:SANDBOX_PATH."
     )
     user_namespace: bool | None = Field(default=None, strict=True, description="sandbox only: run the job in a new user namespace.")
-    network: str | None = Field(default=None, description="sandbox only: 'host' (the default) shares the host's network.")
+    network: str | None = Field(default=None, description="sandbox and container: 'host' (the default) shares the host's network.")
     die_with_parent: bool | None = Field(default=None, strict=True, description="sandbox only: rejected, because a restored job would be killed.")
+    rootfs: str | None = Field(default=None, description="container only: host directory of the container's root file system, mounted read-only.")
+    image: str | None = Field(default=None, description="podman only: name of an image in podman's local storage, e.g. localhost/etl:latest.")
     mounts: list[str] | None = Field(
-        default=None, description="gvisor only: absolute host paths bound read-only into the sandbox at the same path, e.g. the job's script directory."
+        default=None,
+        description=(
+            "container and podman: host paths bind-mounted into the container, each HOST_PATH:CONTAINER_PATH[:ro|rw], read-only by default. "
+            "gvisor: absolute host paths bound read-only into the sandbox at the same path, e.g. the job's script directory."
+        ),
     )
+    working_dir: str | None = Field(default=None, description="container and podman: the job's current directory inside the container (default /run/checker/job/work).")
+    python: str | None = Field(default=None, description="container and podman: Python inside the root file system or image that runs the container's init (default /usr/bin/python3).")
     platform: Literal["systrap", "ptrace"] | None = Field(default=None, description="gvisor only: gVisor platform; systrap when omitted.")
 
     @model_validator(mode="after")
-    def sandbox_fields_only_for_gvisor(self) -> "RuntimeSpec":
-        if self.type != "gvisor" and (self.mounts is not None or self.platform is not None):
-            raise ValueError(f"mounts and platform apply to the gvisor runtime only, not to {self.type!r}")
+    def runtime_specific_fields(self) -> "RuntimeSpec":
+        if self.type not in ("gvisor", "container", "podman") and self.mounts is not None:
+            raise ValueError(f"mounts apply to the container, podman and gvisor runtimes only, not to {self.type!r}")
+        if self.type != "gvisor" and self.platform is not None:
+            raise ValueError(f"platform applies to the gvisor runtime only, not to {self.type!r}")
         return self
 
     @field_validator("mounts")
