@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from checker.cli.client import APIError, CallerClient
+from checker.runtimes.container import container_prefix
 from conftest import ServerProcess, event_kinds, wait_for_checkpoints, wait_until
 from test_container import CONTAINER_PYTHON, FILES_JOB, rootfs  # noqa: F401 (the rootfs fixture)
 from test_limits import ALLOCATING_JOB, FORK_BOMB_JOB
@@ -50,6 +51,15 @@ def create_podman_definition(client: CallerClient, image: str, script: Path, lim
 def spawn_in_podman(client: CallerClient, image: str, script: Path, limits: dict | None = None) -> dict:
     definition = create_podman_definition(client, image, script, limits=limits)
     return client.spawn(definition["name"], version=definition["version"])
+
+
+def criu_config_of(job_id: str) -> Path:
+    """Return the CRIU configuration file that the job's running podman container names in its annotation."""
+    listed = subprocess.run([*PODMAN, "ps", "--format", "{{.Names}}", "--filter", f"name=^{container_prefix(job_id)}"], capture_output=True, text=True, timeout=60)
+    names = listed.stdout.split()
+    assert len(names) == 1, listed
+    inspected = subprocess.run([*PODMAN, "inspect", "--format", '{{ index .Config.Annotations "org.criu.config" }}', names[0]], capture_output=True, text=True, timeout=60)
+    return Path(inspected.stdout.strip())
 
 
 def test_podman_restores_after_sigkill(server: ServerProcess, client: CallerClient, job_script, image: str) -> None:
@@ -122,14 +132,53 @@ def test_podman_restored_after_server_sigkill(server: ServerProcess, client: Cal
     assert result["output"]["digest_intact"] is True
 
 
-def test_podman_fork_rejected(client: CallerClient, job_script, image: str) -> None:
+def test_podman_fork_runs_beside_original(server: ServerProcess, client: CallerClient, job_script, image: str) -> None:
     original = spawn_in_podman(client, image, job_script("memory", MEMORY_JOB))
     wait_for_checkpoints(client, original["id"], 1)
 
     fork = client.fork(original["id"], 1)
-    result = client.result(fork["id"], wait=60)
-    assert result["state"] == "failed", result
-    assert "cannot be restored into another (a fork)" in result["error"]
+    wait_until(lambda: client.get_job(fork["id"])["restore_count"] >= 1, 60, "the fork's restore")
+
+    # The fork's restore wrote a CRIU configuration of its own, so the original's keeps its dump options.
+    fork_config = criu_config_of(fork["id"])
+    original_config = criu_config_of(original["id"])
+    assert fork_config.parent.name.startswith(container_prefix(fork["id"]))
+    assert "link-remap" in original_config.read_text().split()
+    open_gate(server, fork["id"])
+    fork_result = client.result(fork["id"], wait=60)
+
+    # The gate is in the fork's own work directory, so the original is still waiting.
+    assert fork_result["state"] == "completed", fork_result
+    assert client.get_job(original["id"])["state"] == "running"
+    open_gate(server, original["id"])
+    original_result = client.result(original["id"], wait=60)
+    assert original_result["state"] == "completed", original_result
+
+    assert fork_result["output"]["secret"] == original_result["output"]["secret"]
+    assert fork_result["output"]["restored"] is True
+    assert fork_result["output"]["digest_intact"] is True
+    assert original_result["output"]["restored"] is False
+    assert fork["runtime"] == "podman"
+    jobs_dir = server.state_dir / "jobs"
+    assert (jobs_dir / fork["id"] / "stdout.log").read_text() == "checkpoint 1 restored\n"
+    assert (jobs_dir / original["id"] / "stdout.log").read_text() == "checkpoint 1 original\n"
+
+
+def test_podman_fork_restored_after_sigkill(server: ServerProcess, client: CallerClient, job_script, image: str) -> None:
+    original = spawn_in_podman(client, image, job_script("memory", MEMORY_JOB))
+    wait_for_checkpoints(client, original["id"], 1)
+    fork = client.fork(original["id"], 1)
+    restored = wait_until(lambda: (job := client.get_job(fork["id"]))["restore_count"] >= 1 and job, 60, "the fork's restore")
+
+    # The fork has no checkpoint of its own yet, so it is restored again from the one it was forked from.
+    os.kill(restored["pid"], signal.SIGKILL)
+    wait_until(lambda: client.get_job(fork["id"])["restore_count"] >= 2, 60, "the fork's second restore")
+    open_gate(server, fork["id"])
+
+    fork_result = client.result(fork["id"], wait=60)
+    assert fork_result["state"] == "completed", fork_result
+    assert fork_result["output"]["digest_intact"] is True
+    assert (server.state_dir / "jobs" / fork["id"] / "stdout.log").read_text() == "checkpoint 1 restored\n"
     assert client.get_job(original["id"])["state"] == "running"
     client.kill(original["id"])
 

@@ -16,14 +16,19 @@ environment of its own, so the action script that archives the work
 directory is written per dump with its paths inside it.
 
 Podman restores a container's bind mounts from the exported configuration,
-so a restored copy always mounts the job directory of the job that made the
-image. A restore into another job (a fork) is therefore rejected.
+so a restored copy mounts the job directory of the job that made the image.
+A restore into another job (a fork, or a fork's restore from the
+checkpoint it was forked from) imports a copy of the archive. The copy's OCI
+spec mounts the restoring job's directory at /run/checker/job and names a
+CRIU configuration file of that job's own. The source job's archive and
+files stay unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -50,6 +55,9 @@ logger = logging.getLogger(__name__)
 PODMAN_OPTIONS = ["--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 EXPORT_NAME = "podman-checkpoint.tar"
 """File name of podman's exported checkpoint inside a checkpoint's image directory."""
+CRIU_CONFIG_ANNOTATION = "org.criu.config"
+SPEC_FILES = ("config.dump", "spec.dump")
+"""Files of podman's exported checkpoint that contain the container's OCI spec: config.dump under its "spec" key."""
 PODMAN_TIMEOUT_SECONDS = 60.0
 MAX_PROCESSES_LIMIT = 32768
 """Highest RLIMIT_NPROC podman 4.3.1 could give a container here: it lowers its own to 32768, and runc fails above it."""
@@ -81,6 +89,39 @@ def exported_spec(archive_path: Path) -> dict:
         if member is None:
             raise KeyError("spec.dump")
         return json.load(member)
+
+
+def job_mount_sources(spec: dict) -> list[str]:
+    """Return the host directories that an OCI spec mounts at the job directory's path inside the container."""
+    return [mount.get("source") for mount in spec.get("mounts", []) if mount.get("destination") == str(oci.JOB_MOUNT)]
+
+
+def retarget_spec(spec: dict, job_dir: Path, criu_config: Path) -> None:
+    """Point an OCI spec's job directory mount at `job_dir` and its CRIU configuration annotation at `criu_config`."""
+    for mount in spec.get("mounts", []):
+        if mount.get("destination") == str(oci.JOB_MOUNT):
+            mount["source"] = str(job_dir)
+    spec.setdefault("annotations", {})[CRIU_CONFIG_ANNOTATION] = str(criu_config)
+
+
+def retarget_export(archive_path: Path, target_path: Path, job_dir: Path, criu_config: Path) -> None:
+    """Copy podman's exported checkpoint to `target_path`, with both of its OCI specs retargeted to another job.
+
+    Podman 4.3.1 reads the spec of the container it restores from both
+    config.dump and spec.dump, so both are rewritten. Every other member,
+    CRIU's image files included, is copied unchanged.
+    """
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive_path) as archive, tarfile.open(target_path, "w", format=archive.format) as target:
+        for member in archive:
+            content = archive.extractfile(member) if member.isfile() else None
+            if member.name in SPEC_FILES and content is not None:
+                document = json.load(content)
+                retarget_spec(document["spec"] if member.name == "config.dump" else document, job_dir, criu_config)
+                encoded = json.dumps(document).encode()
+                member.size = len(encoded)
+                content = io.BytesIO(encoded)
+            target.addfile(member, content)
 
 
 class PodmanRuntime(ContainerRuntime):
@@ -130,7 +171,7 @@ class PodmanRuntime(ContainerRuntime):
         processes = min(resource.getrlimit(resource.RLIMIT_NPROC)[0], MAX_PROCESSES_LIMIT)
         arguments = [
             "run", "--detach", "--name", name, "--network", "host", "--read-only",
-            "--annotation", f"org.criu.config={criu_config}",
+            "--annotation", f"{CRIU_CONFIG_ANNOTATION}={criu_config}",
             # Podman fails the start unless both limits are given, and given at or below its own.
             "--ulimit", f"nofile={soft}:{hard}", "--ulimit", f"nproc={processes}:{processes}",
             "--volume", f"{spec.files.job_dir}:{oci.JOB_MOUNT}", "--volume", f"{oci.SDK_PACKAGE}:{oci.SDK_MOUNT / 'checker'}:ro",
@@ -235,25 +276,45 @@ class PodmanRuntime(ContainerRuntime):
         except (OSError, KeyError, ValueError, tarfile.TarError) as error:
             raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: cannot read podman's checkpoint {archive}: {error}") from error
 
-        sources = [mount.get("source") for mount in exported.get("mounts", []) if mount.get("destination") == str(oci.JOB_MOUNT)]
-        if sources != [str(spec.files.job_dir)]:
+        sources = job_mount_sources(exported)
+        if len(sources) != 1:
             raise CheckerError(
                 ErrorCode.RESTORE_FAILED,
-                f"{context} rejected: the image mounts the job directory {sources[0] if sources else 'of no job'}, and podman restores "
-                "a container's bind mounts as they were, so an image of one job cannot be restored into another (a fork); use the container runtime to fork",
+                f"{context} failed: podman's checkpoint {archive} mounts {len(sources)} directories at {oci.JOB_MOUNT}, "
+                "where exactly one is expected; the image was not made by Checker's podman runtime",
             )
 
-        await put_back_work_dir(spec, image_dir, context)
-        criu_config = Path(exported.get("annotations", {}).get("org.criu.config", ""))
-        write_criu_config(criu_config, [*RESTORE_CRIU_OPTIONS, *(["leave-stopped"] if leave_stopped else [])])
-
         name = new_container_id(spec.job_id)
-        await self._run_checkpoint_command(podman, ["container", "restore", "--import", str(archive), "--name", name], log_path, ErrorCode.RESTORE_FAILED, context)
+        imported = archive
+        criu_config = Path(exported.get("annotations", {}).get(CRIU_CONFIG_ANNOTATION, ""))
+        if sources[0] != str(spec.files.job_dir):
+            imported, criu_config = await self._retarget(spec, archive, name, sources[0], context)
+
+        await put_back_work_dir(spec, image_dir, context)
+        write_criu_config(criu_config, [*RESTORE_CRIU_OPTIONS, *(["leave-stopped"] if leave_stopped else [])])
+        try:
+            await self._run_checkpoint_command(podman, ["container", "restore", "--import", str(imported), "--name", name], log_path, ErrorCode.RESTORE_FAILED, context)
+        finally:
+            if imported != archive:
+                imported.unlink(missing_ok=True)
         init = await self._init_of(podman, name)
         if init is None:
             raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: the restored container {name} exited at once; see {spec.files.stderr_path}")
         self._containers[init.pid] = name
         return init
+
+    async def _retarget(self, spec: LaunchSpec, archive: Path, name: str, source_job_dir: str, context: str) -> tuple[Path, Path]:
+        """Write a copy of another job's archive that mounts this job's directory, and return its path and the CRIU configuration path it names."""
+        bundle = BUNDLES_DIR / name
+        imported = bundle / EXPORT_NAME
+        criu_config = bundle / "criu.conf"
+        try:
+            await asyncio.to_thread(retarget_export, archive, imported, spec.files.job_dir, criu_config)
+        except (OSError, KeyError, ValueError, tarfile.TarError) as error:
+            imported.unlink(missing_ok=True)
+            raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: cannot copy podman's checkpoint {archive} to {imported} for this job: {error}") from error
+        logger.info("job %s: %s imports a copy of podman's checkpoint with %s mounted in place of %s", spec.job_id, context, spec.files.job_dir, source_job_dir)
+        return imported, criu_config
 
     async def discard_interrupted_restore(self, spec: LaunchSpec, keep: ProcessIdentity | None) -> int | None:
         podman = find_podman()
