@@ -15,9 +15,18 @@ SANDBOX_PYTHON = "/usr/bin/python3"
 
 # Each job waits for a file named "gate" in its work directory, which the test
 # creates from the host: the sandbox cannot see the test's temporary files.
+# MEMORY_JOB also reports what its network reaches after the checkpoint: the
+# server's TCP port, its network interfaces and the API URL it was given.
 MEMORY_JOB = """
-    import hashlib, os, time
+    import hashlib, os, socket, time
     import checker
+
+    def connect_to_server():
+        try:
+            with socket.create_connection(("127.0.0.1", checker.params()["server_port"]), timeout=2):
+                return "connected"
+        except OSError as error:
+            return type(error).__name__
 
     secret = os.urandom(8).hex()
     block = bytearray(os.urandom(32 * 1024 * 1024))
@@ -28,7 +37,15 @@ MEMORY_JOB = """
         if os.path.exists("gate"):
             break
         time.sleep(0.02)
-    checker.exit({"secret": secret, "digest_intact": hashlib.sha256(block).hexdigest() == digest, "restored": result.restored, "pid": os.getpid()})
+    checker.exit({
+        "secret": secret,
+        "digest_intact": hashlib.sha256(block).hexdigest() == digest,
+        "restored": result.restored,
+        "pid": os.getpid(),
+        "tcp_to_server": connect_to_server(),
+        "interfaces": sorted(name for _, name in socket.if_nameindex()),
+        "api_url": os.environ["CHECKER_API_URL"],
+    })
 """
 
 SLEEP_JOB = """
@@ -83,9 +100,32 @@ def spawn_sandboxed(client: CallerClient, script: Path, params: dict | None = No
     return client.spawn(definition["name"], params=params or {}, version=definition["version"])
 
 
-@pytest.mark.parametrize("user_namespace", [False, True], ids=["no-userns", "userns"])
-def test_sandbox_restores_after_sigkill(server: ServerProcess, client: CallerClient, job_script, user_namespace: bool) -> None:
-    job = spawn_sandboxed(client, job_script("memory", MEMORY_JOB), user_namespace=user_namespace)
+def spawn_memory_job(server: ServerProcess, client: CallerClient, job_script, **runtime) -> dict:
+    return spawn_sandboxed(client, job_script("memory", MEMORY_JOB), params={"server_port": server.port}, **runtime)
+
+
+def assert_network(output: dict, network: str) -> None:
+    """Check what a MEMORY_JOB with `runtime.network` set to `network` reached."""
+    if network == "host":
+        assert output["tcp_to_server"] == "connected"
+        assert output["api_url"].startswith("http://127.0.0.1:")
+        return
+    # The job's own loopback has no listener, so connecting to the server's port is refused.
+    assert output["tcp_to_server"] == "ConnectionRefusedError"
+    assert output["interfaces"] == ["lo"]
+    assert output["api_url"] == "unix:///run/checker/job/api.sock"
+
+
+NETWORKS = pytest.mark.parametrize("network", ["host", "none"], ids=["network-host", "network-none"])
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [{}, {"user_namespace": True}, {"network": "none"}],
+    ids=["no-userns", "userns", "network-none"],
+)
+def test_sandbox_restores_after_sigkill(server: ServerProcess, client: CallerClient, job_script, runtime: dict) -> None:
+    job = spawn_memory_job(server, client, job_script, **runtime)
     running = wait_for_checkpoints(client, job["id"], 1)
     assert running["state"] == "running"
 
@@ -98,27 +138,31 @@ def test_sandbox_restores_after_sigkill(server: ServerProcess, client: CallerCli
     assert result["state"] == "completed", result
     assert result["output"]["restored"] is True
     assert result["output"]["digest_intact"] is True
+    assert_network(result["output"], runtime.get("network", "host"))
     assert "crashed" in event_kinds(client, job["id"])
     # The restore cut the original's output after the checkpoint from the log.
     log = (server.state_dir / "jobs" / job["id"] / "stdout.log").read_text()
     assert log == "checkpoint 1 restored\n"
 
 
-def test_sandbox_checkpoint_keeps_running(server: ServerProcess, client: CallerClient, job_script) -> None:
-    job = spawn_sandboxed(client, job_script("memory", MEMORY_JOB))
+@NETWORKS
+def test_sandbox_checkpoint_keeps_running(server: ServerProcess, client: CallerClient, job_script, network: str) -> None:
+    job = spawn_memory_job(server, client, job_script, network=network)
     running = wait_for_checkpoints(client, job["id"], 1)
     open_gate(server, job["id"])
 
     result = client.result(job["id"], wait=60)
     assert result["state"] == "completed", result
     assert result["output"]["restored"] is False
+    assert_network(result["output"], network)
     assert client.get_job(job["id"])["restore_count"] == 0
     assert client.checkpoints(job["id"])[0]["mode"] == "keep-running"
     assert running["pid"] is not None
 
 
-def test_sandbox_sleep_and_wake(server: ServerProcess, client: CallerClient, job_script) -> None:
-    job = spawn_sandboxed(client, job_script("sleeper", SLEEP_JOB))
+@NETWORKS
+def test_sandbox_sleep_and_wake(server: ServerProcess, client: CallerClient, job_script, network: str) -> None:
+    job = spawn_sandboxed(client, job_script("sleeper", SLEEP_JOB), network=network)
 
     result = client.result(job["id"], wait=60)
     assert result["state"] == "completed", result
@@ -128,8 +172,9 @@ def test_sandbox_sleep_and_wake(server: ServerProcess, client: CallerClient, job
     assert "woke" in kinds
 
 
-def test_sandbox_restored_after_server_sigkill(server: ServerProcess, client: CallerClient, job_script) -> None:
-    job = spawn_sandboxed(client, job_script("memory", MEMORY_JOB))
+@NETWORKS
+def test_sandbox_restored_after_server_sigkill(server: ServerProcess, client: CallerClient, job_script, network: str) -> None:
+    job = spawn_memory_job(server, client, job_script, network=network)
     running = wait_for_checkpoints(client, job["id"], 1)
 
     server.sigkill()
@@ -143,6 +188,25 @@ def test_sandbox_restored_after_server_sigkill(server: ServerProcess, client: Ca
     assert result["state"] == "completed", result
     assert result["output"]["restored"] is True
     assert result["output"]["digest_intact"] is True
+    assert_network(result["output"], network)
+
+
+@NETWORKS
+def test_sandbox_adopted_after_server_sigkill(server: ServerProcess, client: CallerClient, job_script, network: str) -> None:
+    job = spawn_memory_job(server, client, job_script, network=network)
+    wait_for_checkpoints(client, job["id"], 1)
+
+    server.sigkill()
+    server.start()
+
+    with CallerClient(server.url) as fresh:
+        open_gate(server, job["id"])
+        result = fresh.result(job["id"], wait=60)
+        assert "adopted" in event_kinds(fresh, job["id"])
+        assert fresh.get_job(job["id"])["restore_count"] == 0
+    assert result["state"] == "completed", result
+    assert result["output"]["restored"] is False
+    assert_network(result["output"], network)
 
 
 def test_sandbox_confines_writes_and_processes(server: ServerProcess, client: CallerClient, job_script, tmp_path: Path) -> None:
@@ -165,8 +229,9 @@ def test_sandbox_confines_writes_and_processes(server: ServerProcess, client: Ca
     assert result["output"]["host_file_visible"] is False
 
 
-def test_sandbox_fork_runs_beside_original(server: ServerProcess, client: CallerClient, job_script) -> None:
-    original = spawn_sandboxed(client, job_script("memory", MEMORY_JOB))
+@NETWORKS
+def test_sandbox_fork_runs_beside_original(server: ServerProcess, client: CallerClient, job_script, network: str) -> None:
+    original = spawn_memory_job(server, client, job_script, network=network)
     wait_for_checkpoints(client, original["id"], 1)
 
     fork = client.fork(original["id"], 1)
@@ -181,13 +246,14 @@ def test_sandbox_fork_runs_beside_original(server: ServerProcess, client: Caller
     assert fork_result["output"]["secret"] == original_result["output"]["secret"]
     assert fork_result["output"]["restored"] is True
     assert fork_result["output"]["digest_intact"] is True
+    assert_network(original_result["output"], network)
+    assert_network(fork_result["output"], network)
     assert fork["runtime"] == "sandbox"
 
 
 @pytest.mark.parametrize(
     ("runtime", "expected"),
     [
-        ({"network": "none"}, "runtime.network 'none' is not supported yet"),
         ({"network": "none", "user_namespace": True}, "cannot be restored"),
         ({"network": "bridge"}, "runtime.network 'bridge' is invalid"),
         ({"die_with_parent": True}, "runtime.die_with_parent cannot be used"),
@@ -195,7 +261,7 @@ def test_sandbox_fork_runs_beside_original(server: ServerProcess, client: Caller
         ({"read_only_binds": ["relative/path"]}, "write an absolute HOST_PATH"),
         ({"read_only_binds": ["/no/such/checker/path"]}, "does not exist on this host"),
     ],
-    ids=["network-none", "userns-with-netns", "network-unknown", "die-with-parent", "bind-over-proc", "bind-relative", "bind-missing"],
+    ids=["userns-with-netns", "network-unknown", "die-with-parent", "bind-over-proc", "bind-relative", "bind-missing"],
 )
 def test_sandbox_rejects_configuration(client: CallerClient, job_script, runtime: dict, expected: str) -> None:
     script = job_script("rejected", "print('never runs')\n")

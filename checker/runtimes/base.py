@@ -122,12 +122,14 @@ class Runtime(ABC):
 
     type_name: str
 
-    uses_job_socket: bool = False
-    """True when the job reaches the server only through its own unix socket (JobFiles.api_socket_path).
+    def uses_job_socket(self, config: dict) -> bool:
+        """Return whether a job with runtime configuration `config` reaches the server only through its own unix socket.
 
-    The server listens on that socket while the job runs, and stops
-    listening and aborts the job's connections while it checkpoints the job.
-    """
+        That socket is JobFiles.api_socket_path. The server listens on it
+        while the job runs, and stops listening and aborts the job's
+        connections while it checkpoints or restores the job.
+        """
+        return False
 
     @abstractmethod
     async def start(self, spec: LaunchSpec) -> ProcessIdentity:

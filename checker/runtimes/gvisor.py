@@ -86,12 +86,14 @@ class GVisorRuntime(Runtime):
     """Jobs in gVisor sandboxes, checkpointed and restored by runsc."""
 
     type_name = "gvisor"
-    uses_job_socket = True
 
     def __init__(self, runsc: Path, runtime_dir: Path) -> None:
         self.runsc = runsc
         self.runtime_dir = runtime_dir
         """Directory for the shared root file system skeleton and each job's bundle and runsc state."""
+
+    def uses_job_socket(self, config: dict) -> bool:
+        return True
 
     def validate_config(self, config: dict) -> None:
         command = config.get("command")

@@ -344,12 +344,12 @@ class JobRunner:
 
     async def _listen_for_job(self) -> None:
         """Serve the runtime API on the job's own socket, for runtimes whose jobs have no network."""
-        if self.runtime.uses_job_socket:
+        if self.runtime.uses_job_socket(self.job.runtime_config):
             await self.context.job_sockets.open(self.job_id, self.files.api_socket_path)
 
     def _job_disconnected(self) -> AbstractAsyncContextManager:
         """Return a context in which the job has no connection to the server, for runtimes that need that to checkpoint."""
-        if self.runtime.uses_job_socket:
+        if self.runtime.uses_job_socket(self.job.runtime_config):
             return self.context.job_sockets.paused(self.job_id)
         return nullcontext()
 
@@ -645,7 +645,7 @@ class JobRunner:
         with store.pinned(self.job_id, checkpoint.number):
             manifest = store.read_manifest(self.job_id, checkpoint.number)
             self._rewind_logs(manifest.job_files)
-            if self.runtime.uses_job_socket:
+            if self.runtime.uses_job_socket(self.job.runtime_config):
                 # The copy's retried calls must see the restore recorded first, or
                 # a retried checkpoint call would be answered `restored: false`.
                 await self.context.job_sockets.stop_listening(self.job_id)
