@@ -22,8 +22,11 @@ MEMORY_JOB = """
     import checker
 
     def connect_to_server():
+        port = checker.params().get("server_port")
+        if port is None:
+            return "not checked"  # The container and podman tests share this job without the check.
         try:
-            with socket.create_connection(("127.0.0.1", checker.params()["server_port"]), timeout=2):
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
                 return "connected"
         except OSError as error:
             return type(error).__name__
