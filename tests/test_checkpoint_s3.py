@@ -65,8 +65,11 @@ def s3_servers(tmp_path: Path, s3_endpoint: str):
     """Start S3-store servers on demand; stop them and kill their jobs at the end."""
     started: list[tuple[ServerProcess, str]] = []
 
-    def start(name: str, port: int | None = None, database_from: ServerProcess | None = None, database_url: str | None = None) -> ServerProcess:
+    def start(
+        name: str, port: int | None = None, database_from: ServerProcess | None = None, database_url: str | None = None, options: tuple[str, ...] = ()
+    ) -> ServerProcess:
         handle = s3_server_process(tmp_path, s3_endpoint, name, port)
+        handle.extra_args += options
         if database_url is not None:
             handle.extra_args += ["--database-url", database_url]
         elif database_from is not None:
@@ -151,9 +154,11 @@ def test_s3_store_restores_on_second_server(s3_servers, job_script, tmp_path: Pa
         second = s3_servers("second", port=first.port, database_url=database_url)
     with CallerClient(second.url) as client:
         result = finish_after_restore(client, job_id, gate, 60)
+        verification = client.checkpoint_details(job_id, 1, verify=True)["verification"]
     assert result["state"] == "completed"
     assert result["output"]["restored"] is True
     assert result["output"]["checkpoint"] == 1
+    assert verification["status"] == "passed", verification
     assert (second.state_dir / "checkpoints" / job_id / "chunks").is_dir()
 
 
@@ -208,6 +213,26 @@ def test_s3_server_killed_during_chunk_sweep(s3_servers, s3_endpoint: str, job_s
         result = finish_after_restore(client, job["id"], gate, 60)
     assert result["state"] == "completed"
     assert result["output"]["checkpoint"] == 2
+
+
+def test_s3_fork_outlives_expired_source(s3_servers, s3_endpoint: str, job_script, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    server = s3_servers("state", options=("--keep-finished-checkpoints", "1"))
+    with CallerClient(server.url) as client:
+        job = spawn_script(client, job_script("stepped", STEPPED_JOB), {"gate": str(gate), "checkpoints": 1})
+        wait_for_checkpoints(client, job["id"], 1)
+        fork = client.fork(job["id"], 1)
+        fork_chunks = manifest_digests(bucket_manifest(s3_endpoint, fork["id"], 1))
+        client.kill(job["id"])  # The fork waits at the gate, so only the source finishes.
+        wait_until(lambda: not bucket_keys(s3_endpoint, job["id"]), 30, "the source's objects to be deleted from the bucket")
+
+        verification = client.checkpoint_details(fork["id"], 1, verify=True)["verification"]
+        gate.touch()
+        forked = client.result(fork["id"], wait=30)
+    assert fork_chunks <= chunk_object_digests(s3_endpoint, fork["id"])
+    assert verification["status"] == "passed", verification
+    assert forked["state"] == "completed"
+    assert forked["output"]["restored"] is True
 
 
 def run_server_command(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
