@@ -31,16 +31,19 @@ job restores from its previous checkpoint.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from checker.errors import CorruptCheckpointError
+from checker.errors import CheckerError, CorruptCheckpointError, ErrorCode
 from checker.store.checkpoints import (
     CHUNKS_DIR,
     MANIFEST_NAME,
@@ -58,7 +61,11 @@ S3_SCHEME = "s3://"
 TRANSFER_THREADS = 8
 """Chunk objects uploaded or downloaded at once."""
 MULTIPART_THRESHOLD_BYTES = 16 << 20
-"""Objects from this size on are uploaded in parts. Chunks are at most 2 MiB, so this applies to large manifests only."""
+"""Objects from this size on are uploaded in parts.
+
+NOTE: chunks are at most 2 MiB and a manifest lists about 100 bytes per
+chunk, so no object reaches this size in practice, and no test uploads
+one in parts."""
 DELETE_BATCH = 1000
 """Most keys one DeleteObjects request accepts (an S3 API limit)."""
 
@@ -116,6 +123,43 @@ def create_s3_client(endpoint_url: str | None) -> Any:
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+@contextmanager
+def raising_os_error(action: str) -> Iterator[None]:
+    """Turn boto3's errors during `action` into OSError, which the runner reports as a checkpoint that could not be stored."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as error:
+        raise OSError(f"{action} failed: {error}") from error
+
+
+@contextmanager
+def raising_unavailable(action: str) -> Iterator[None]:
+    """Turn boto3's errors during `action` into a CheckerError with code `unavailable`.
+
+    NOTE: the runner fails a job whose restore raises this, although the
+    bucket may be reachable again later; boto3 has already retried by then.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as error:
+        raise CheckerError(ErrorCode.UNAVAILABLE, f"{action} failed: {error}; check that the S3 endpoint is reachable") from error
+
+
+@contextmanager
+def logging_errors(action: str) -> Iterator[None]:
+    """Log boto3's errors during `action` instead of raising them, for deletions that the next retention or start repeats."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError, OSError) as error:
+        logger.warning("%s failed: %s; it is tried again at the next retention or server start", action, error)
 
 
 class S3CheckpointStore(LocalCheckpointStore):
@@ -188,6 +232,10 @@ class S3CheckpointStore(LocalCheckpointStore):
 
     def _publish(self, manifest: Manifest) -> None:
         """Upload the checkpoint's chunks that the bucket lacks, in parallel, then its manifest."""
+        with raising_os_error(f"upload of checkpoint {manifest.checkpoint} of job {manifest.job_id} to {self.bucket}"):
+            self._upload(manifest)
+
+    def _upload(self, manifest: Manifest) -> None:
         chunks = self.chunk_directory(manifest.job_id)
         remote = self._remote_chunks(manifest.job_id)
         missing = sorted(manifest.chunk_digests() - remote.keys())
@@ -201,21 +249,16 @@ class S3CheckpointStore(LocalCheckpointStore):
         for _ in self._transfer_pool.map(lambda path: self._upload_file(path, prefix + path.name), paths):
             pass
 
-        body = json_bytes(manifest)
-        self._client.put_object(Bucket=self.bucket.bucket, Key=self._manifest_key(manifest.job_id, manifest.checkpoint), Body=body)
+        # The manifest object appears only when its upload completes, also when it is uploaded in parts.
+        body = io.BytesIO(json_bytes(manifest))
+        self._client.upload_fileobj(body, self.bucket.bucket, self._manifest_key(manifest.job_id, manifest.checkpoint), Config=self._transfer)
         logger.info(
             "job %s: checkpoint %d uploaded to %s: %d new chunk(s) of %d",
             manifest.job_id, manifest.checkpoint, self.bucket, len(missing), len(manifest.chunk_digests()),
         )
 
     def _upload_file(self, path: Path, key: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.upload_file(str(path), self.bucket.bucket, key, Config=self._transfer)
-        except (BotoCoreError, ClientError) as error:
-            # The runner treats OSError as "the image could not be stored" and keeps the job running.
-            raise OSError(f"upload of {path.name} to {self.bucket} failed: {error}") from error
+        self._client.upload_file(str(path), self.bucket.bucket, key, Config=self._transfer)
 
     # Read and restore
 
@@ -225,11 +268,12 @@ class S3CheckpointStore(LocalCheckpointStore):
         if local.exists():
             return local.read_text()
         key = self._manifest_key(job_id, number)
-        try:
-            response = self._client.get_object(Bucket=self.bucket.bucket, Key=key)
-        except self._client.exceptions.NoSuchKey:
-            raise CorruptCheckpointError(f"checkpoint {number} of job {job_id} has no manifest at {self.bucket}/{key}; it was never completed") from None
-        text = response["Body"].read().decode()
+        with raising_unavailable(f"download of the manifest of checkpoint {number} of job {job_id} from {self.bucket}"):
+            try:
+                response = self._client.get_object(Bucket=self.bucket.bucket, Key=key)
+            except self._client.exceptions.NoSuchKey:
+                raise CorruptCheckpointError(f"checkpoint {number} of job {job_id} has no manifest at {self.bucket}/{key}; it was never completed") from None
+            text = response["Body"].read().decode()
         with self._manifest_lock:
             local.parent.mkdir(parents=True, exist_ok=True)
             temporary = local.with_name(MANIFEST_NAME + ".tmp")
@@ -243,6 +287,10 @@ class S3CheckpointStore(LocalCheckpointStore):
         Raises CorruptCheckpointError naming the first chunk object that is
         missing or fails its check; that chunk is not kept.
         """
+        with raising_unavailable(f"download of the chunks of checkpoint {manifest.checkpoint} of job {manifest.job_id} from {self.bucket}"):
+            return self._download_missing_chunks(manifest)
+
+    def _download_missing_chunks(self, manifest: Manifest) -> int:
         chunks = self.chunk_directory(manifest.job_id)
         sizes = {digest: size for entry in manifest.files for _, size, digest in entry.extents()}
         missing = sorted(digest for digest in sizes if chunks.stored_path(digest) is None)
@@ -292,7 +340,8 @@ class S3CheckpointStore(LocalCheckpointStore):
 
     def delete(self, job_id: str, number: int) -> None:
         """Delete the checkpoint's manifest object, then its local directory; its chunks go at the next `collect_garbage`."""
-        self._client.delete_object(Bucket=self.bucket.bucket, Key=self._manifest_key(job_id, number))
+        with logging_errors(f"job {job_id}: deletion of checkpoint {number} from {self.bucket}"):
+            self._client.delete_object(Bucket=self.bucket.bucket, Key=self._manifest_key(job_id, number))
         super().delete(job_id, number)
 
     def collect_garbage(self, job_id: str) -> GarbageCollected:
@@ -303,6 +352,13 @@ class S3CheckpointStore(LocalCheckpointStore):
         as in the local store.
         """
         local = super().collect_garbage(job_id)
+        deleted = 0
+        with logging_errors(f"job {job_id}: garbage collection in {self.bucket}"):
+            deleted = self._collect_remote_garbage(job_id)
+        return GarbageCollected(checkpoints=0, chunks=local.chunks + deleted, chunk_bytes=local.chunk_bytes)
+
+    def _collect_remote_garbage(self, job_id: str) -> int:
+        """Delete the chunk objects of the job that no manifest object lists; return how many."""
         with self._job_lock(job_id):
             referenced: set[str] = set()
             for key in self._remote_manifest_keys(job_id):
@@ -319,7 +375,7 @@ class S3CheckpointStore(LocalCheckpointStore):
             self._delete_keys(doomed)
         if doomed:
             logger.info("job %s: deleted %d unreferenced chunk object(s) from %s", job_id, len(doomed), self.bucket)
-        return GarbageCollected(checkpoints=0, chunks=local.chunks + len(doomed), chunk_bytes=local.chunk_bytes)
+        return len(doomed)
 
     def _delete_keys(self, keys: list[str]) -> None:
         for start in range(0, len(keys), DELETE_BATCH):
@@ -333,25 +389,31 @@ class S3CheckpointStore(LocalCheckpointStore):
     def delete_job(self, job_id: str) -> bool:
         """Delete every checkpoint and chunk of a job, locally and in the bucket: manifests first, then chunks."""
         local = super().delete_job(job_id)
-        manifests = self._remote_manifest_keys(job_id)
-        self._delete_keys(manifests)
-        rest = self._list_keys(self.bucket.key(job_id) + "/")
-        self._delete_keys(rest)
+        manifests: list[str] = []
+        rest: list[str] = []
+        with logging_errors(f"job {job_id}: deletion of its objects from {self.bucket}"):
+            manifests = self._remote_manifest_keys(job_id)
+            self._delete_keys(manifests)
+            rest = self._list_keys(self.bucket.key(job_id) + "/")
+            self._delete_keys(rest)
         return local or bool(manifests or rest)
 
     def has_job(self, job_id: str) -> bool:
         if super().has_job(job_id):
             return True
-        response = self._client.list_objects_v2(Bucket=self.bucket.bucket, Prefix=self.bucket.key(job_id) + "/", MaxKeys=1)
-        return bool(response.get("KeyCount"))
+        with logging_errors(f"job {job_id}: listing of its objects in {self.bucket}"):
+            response = self._client.list_objects_v2(Bucket=self.bucket.bucket, Prefix=self.bucket.key(job_id) + "/", MaxKeys=1)
+            return bool(response.get("KeyCount"))
+        return False
 
     def remove_partial(self) -> list[Path]:
         """Delete what a crash left locally, then the chunk objects of every job in the bucket that no manifest object lists."""
         removed = super().remove_partial()
         prefix = self.bucket.key() + "/" if self.bucket.prefix else ""
-        job_ids = set()
-        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket.bucket, Prefix=prefix, Delimiter="/"):
-            job_ids.update(common["Prefix"][len(prefix):].rstrip("/") for common in page.get("CommonPrefixes", ()))
+        job_ids: set[str] = set()
+        with logging_errors(f"listing of the jobs in {self.bucket}"):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket.bucket, Prefix=prefix, Delimiter="/"):
+                job_ids.update(common["Prefix"][len(prefix):].rstrip("/") for common in page.get("CommonPrefixes", ()))
         for job_id in sorted(job_ids):
             self.collect_garbage(job_id)
         return removed
