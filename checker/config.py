@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,12 @@ class Settings:
     drain_timeout_seconds: float = 60.0
     """Maximum time a drain waits for the jobs' checkpoints, in seconds; jobs not suspended by then keep running."""
 
+    checkpoint_store: str | None = None
+    """Where checkpoints live: None for `checkpoints_dir`, or `s3://BUCKET/PREFIX` for an S3 bucket with a local cache in `checkpoints_dir`."""
+
+    s3_endpoint_url: str | None = None
+    """URL of the S3 endpoint of an S3 checkpoint store; None uses boto3's default for its region."""
+
     exit_grace_seconds: float = 30.0
     """How long a job may keep running after reporting its exit before it is killed."""
 
@@ -117,5 +124,26 @@ class Settings:
             raise ValueError(f"checkpoint lock timeout {self.checkpoint_lock_timeout_seconds} s is invalid; give a positive number of seconds")
         if self.criu_timeout_seconds <= 0:
             raise ValueError(f"CRIU timeout {self.criu_timeout_seconds} s is invalid; give a positive number of seconds")
+        self._validate_checkpoint_store()
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range 0-65535")
+
+    def _validate_checkpoint_store(self) -> None:
+        from checker.store.s3 import parse_s3_url
+
+        if self.checkpoint_store is None:
+            if self.s3_endpoint_url is not None:
+                raise ValueError(f"--s3-endpoint-url {self.s3_endpoint_url!r} is set, but the checkpoint store is local; add --checkpoint-store s3://BUCKET/PREFIX")
+            return
+        parse_s3_url(self.checkpoint_store)
+        if not self.checkpoint_dedupe:
+            raise ValueError(f"checkpoint store {self.checkpoint_store!r} stores chunks and needs deduplication; drop --no-checkpoint-dedupe")
+        endpoint = self.s3_endpoint_url
+        if endpoint is not None:
+            parsed = urllib.parse.urlsplit(endpoint)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"S3 endpoint URL {endpoint!r} is invalid; give http://HOST:PORT or https://HOST")
+            try:
+                parsed.port
+            except ValueError:
+                raise ValueError(f"S3 endpoint URL {endpoint!r} has an invalid port; give a port from 1 to 65535") from None

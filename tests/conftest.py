@@ -113,12 +113,19 @@ def server(tmp_path: Path) -> ServerProcess:
 
 def kill_jobs_of(handle: ServerProcess) -> None:
     """Kill every job process the test left, by the PIDs the state store recorded."""
-    from checker.store.state import StateStore, sqlite_url
+    from checker.store.state import sqlite_url
 
     database = handle.state_dir / "state.db"
     if not database.exists():
         return
-    state = StateStore(sqlite_url(handle.state_dir))
+    kill_jobs_in(sqlite_url(handle.state_dir))
+
+
+def kill_jobs_in(database_url: str) -> None:
+    """Kill every job process that the state store at `database_url` records as alive."""
+    from checker.store.state import StateStore
+
+    state = StateStore(database_url)
     try:
         for job in state.list_jobs(limit=100_000):
             if job.pid is not None and job.pid_start_time is not None and is_alive(ProcessIdentity(job.pid, job.pid_start_time)):

@@ -123,6 +123,8 @@ def settings_from_args(args: argparse.Namespace, port: int | None = None) -> Set
         checkpoint_lock_timeout_seconds=getattr(args, "checkpoint_lock_timeout", 60.0),
         drain_on_shutdown=not getattr(args, "no_drain", True),
         drain_timeout_seconds=getattr(args, "drain_timeout", 60.0),
+        checkpoint_store=getattr(args, "checkpoint_store", None),
+        s3_endpoint_url=getattr(args, "s3_endpoint_url", None),
     )
 
 
@@ -537,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Store each checkpoint's image files in full (format 1, uncompressed) instead of chunks shared by a job's checkpoints; needs --checkpoint-compression off.",
     )
     server.add_argument(
+        "--checkpoint-store",
+        metavar="s3://BUCKET/PREFIX",
+        help="Keep checkpoint chunks and manifests in this S3 bucket and prefix; the state directory keeps only staging and caches "
+        "(default: local, in the state directory). Credentials come from boto3's usual sources, such as AWS_ACCESS_KEY_ID.",
+    )
+    server.add_argument("--s3-endpoint-url", metavar="URL", help="URL of the S3 endpoint of --checkpoint-store, e.g. http://127.0.0.1:9000 (default: boto3's).")
+    server.add_argument(
         "--keep-finished-checkpoints",
         type=non_negative_seconds,
         default=DEFAULT_FINISHED_RETENTION_SECONDS,
@@ -692,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level or default_level)
     from checker.runtimes.criu import CriuNotFoundError
     from checker.server.serve import StateDirectoryInUse
+    from checker.store.s3 import S3StoreError
 
     try:
         return args.handler(args)
@@ -699,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = "; 'checker jobs list' shows the jobs" if error.status == 404 and re.search(r"job '[^']*' not found", str(error)) else ""
         print(f"checker: error: {error}{hint}", file=sys.stderr)
         return 1
-    except (CLIError, CriuNotFoundError, StateDirectoryInUse, ValueError) as error:
+    except (CLIError, CriuNotFoundError, StateDirectoryInUse, S3StoreError, ValueError) as error:
         print(f"checker: error: {error}", file=sys.stderr)
         return 1
     except OSError as error:

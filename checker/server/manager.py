@@ -19,7 +19,7 @@ from checker.runtimes import Limits, Runtime
 from checker.runtimes.base import JobFiles, write_identity
 from checker.runtimes.procfs import ProcessIdentity, is_alive
 from checker.server.jobsockets import JobSockets
-from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token, hash_token
+from checker.server.runner import DRAIN_WAKE_AT, CheckpointAnswer, JobRunner, RunnerContext, SuspendRequest, answer_from_token, copy_prefix, hash_token
 from checker.server import models
 from checker.store.checkpoints import LocalCheckpointStore, Manifest
 from checker.store.state import CheckpointRecord, CheckpointStatus, DuplicateIdempotencyKey, JobRecord, JobState, SignalRecord, StateStore
@@ -64,20 +64,6 @@ def prepare_fork_files(source: JobFiles, fork: JobFiles, log_sizes: dict[str, in
     for name, source_log, fork_log in (("stdout", source.stdout_path, fork.stdout_path), ("stderr", source.stderr_path, fork.stderr_path)):
         copy_prefix(source_log, fork_log, log_sizes.get(name, 0))
     fork.work_dir.mkdir()
-
-
-def copy_prefix(source: Path, target: Path, size: int) -> None:
-    """Copy the first `size` bytes of `source` (fewer if it is shorter or missing) to a new file `target`."""
-    with open(target, "wb") as writer:
-        try:
-            reader = open(source, "rb")
-        except FileNotFoundError:
-            return
-        with reader:
-            remaining = size
-            while remaining > 0 and (block := reader.read(min(remaining, 1 << 20))):
-                writer.write(block)
-                remaining -= len(block)
 
 
 class JobManager:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import time
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ from checker.store.state import CheckpointRecord, CheckpointStatus, JobRecord, J
 
 logger = logging.getLogger(__name__)
 
+IMAGE_LOG_PREFIX = "job-"
+"""Prefix of the copies of the job's logs in an image (`job-stdout.log`, `job-stderr.log`) when the store keeps them."""
+
 # Variables passed from the server's environment to every job. Anything else
 # (credentials of the server, for one) stays out of the job's environment.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
@@ -59,6 +63,20 @@ DRAIN_WAKE_AT = 0.0
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def copy_prefix(source: Path, target: Path, size: int) -> None:
+    """Copy the first `size` bytes of `source` (fewer if it is shorter or missing) to a new file `target`."""
+    with open(target, "wb") as writer:
+        try:
+            reader = open(source, "rb")
+        except FileNotFoundError:
+            return
+        with reader:
+            remaining = size
+            while remaining > 0 and (block := reader.read(min(remaining, 1 << 20))):
+                writer.write(block)
+                remaining -= len(block)
 
 
 @dataclass
@@ -436,6 +454,8 @@ class JobRunner:
             self.process = None
 
         try:
+            if self.context.checkpoints.stores_job_logs:
+                await asyncio.to_thread(self._copy_logs_to_image, staging, job_files)
             manifest = await asyncio.to_thread(
                 self.context.checkpoints.commit,
                 staging,
@@ -694,6 +714,7 @@ class JobRunner:
         started = time.monotonic()
         image = await asyncio.to_thread(store.prepare_restore, manifest, use_cache)
         prepare_seconds = time.monotonic() - started
+        await asyncio.to_thread(self._put_back_missing_job_files, image.directory)
         try:
             process = await self._restore_verified(checkpoint, manifest, image)
         finally:
@@ -795,6 +816,33 @@ class JobRunner:
         self._event("woke", f"job {self.job_id} woke: {command.reason}")
         logger.info("job %s woke: %s", self.job_id, command.reason)
         await self._restore_newest(reason=f"it was suspended and {command.reason}")
+
+    def _copy_logs_to_image(self, staging: Path, sizes: dict[str, int]) -> None:
+        """Copy the logs, cut to their size at the checkpoint, into the image, so a server without this state directory can restore the job."""
+        for name, path in (("stdout", self.files.stdout_path), ("stderr", self.files.stderr_path)):
+            copy_prefix(path, staging / f"{IMAGE_LOG_PREFIX}{path.name}", sizes.get(name, 0))
+
+    def _put_back_missing_job_files(self, image_dir: Path) -> None:
+        """Create the job directory, its logs and its identity when this state directory has never held them.
+
+        CRIU reopens the logs at restore and requires their size at the
+        dump, so a server that takes over a job from another state
+        directory needs the copies that `_copy_logs_to_image` stored. The
+        state store keeps only a hash of the job's token, so such a server
+        issues a new token; the SDK reads the identity file again before
+        each call.
+        """
+        self.files.job_dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.files.stdout_path, self.files.stderr_path):
+            stored = image_dir / f"{IMAGE_LOG_PREFIX}{path.name}"
+            if not path.exists() and stored.exists():
+                shutil.copyfile(stored, path)
+                logger.info("job %s: %s taken from the checkpoint image, as this state directory had none", self.job_id, path.name)
+        if not self.files.identity_path.exists():
+            token = secrets.token_urlsafe(32)
+            self.job = self.context.state.update_job(self.job_id, token_hash=hash_token(token))
+            write_identity(self.files, self.job_id, token)
+            logger.info("job %s: issued a new token, as this state directory had no identity file for the job", self.job_id)
 
     def _rewind_logs(self, sizes: dict[str, int]) -> None:
         """Cut the logs back to their size at the checkpoint.

@@ -74,6 +74,31 @@ def lock_state_directory(state_dir: Path) -> int:
     return fd
 
 
+def create_checkpoint_store(settings: Settings) -> LocalCheckpointStore:
+    """Create the local checkpoint store, or the S3 one after checking that its bucket is reachable (raises S3StoreError)."""
+    if settings.checkpoint_store is None:
+        return LocalCheckpointStore(
+            settings.checkpoints_dir,
+            fsync=settings.fsync_checkpoints,
+            compression_level=settings.checkpoint_compression_level,
+            dedupe=settings.checkpoint_dedupe,
+        )
+    from checker.store.s3 import S3CheckpointStore, create_s3_client, parse_s3_url
+
+    location = parse_s3_url(settings.checkpoint_store)
+    store = S3CheckpointStore(
+        settings.checkpoints_dir,
+        location,
+        create_s3_client(settings.s3_endpoint_url),
+        fsync=settings.fsync_checkpoints,
+        compression_level=settings.checkpoint_compression_level,
+        endpoint_url=settings.s3_endpoint_url,
+    )
+    store.check_bucket()
+    logger.info("checkpoints stored in %s (endpoint %s), cached in %s", location, settings.s3_endpoint_url or "default", settings.checkpoints_dir)
+    return store
+
+
 class Server:
     """A Checker server bound to its socket, ready to run."""
 
@@ -84,6 +109,7 @@ class Server:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = lock_state_directory(settings.state_dir)
+        self.checkpoints = create_checkpoint_store(settings)
         self.listener = bind_socket(settings.host, settings.port)
         self.api_url = api_url_for(self.listener)
         self.manager: JobManager | None = None
@@ -97,12 +123,7 @@ class Server:
         state = StateStore(self.settings.database_url or sqlite_url(self.settings.state_dir))
         if state.applied_migrations:
             logger.info("state store migrated to schema version %d", state.applied_migrations[-1])
-        checkpoints = LocalCheckpointStore(
-            self.settings.checkpoints_dir,
-            fsync=self.settings.fsync_checkpoints,
-            compression_level=self.settings.checkpoint_compression_level,
-            dedupe=self.settings.checkpoint_dedupe,
-        )
+        checkpoints = self.checkpoints
         runtimes = create_runtimes(self.criu, self.settings.criu_timeout_seconds, self.settings.state_dir)
         manager = JobManager(self.settings, state, checkpoints, runtimes, self.api_url, self.criu.version, self.job_sockets)
         self.manager = manager

@@ -441,6 +441,8 @@ class LocalCheckpointStore:
         """zstd level of new chunks; None writes them uncompressed."""
         self.dedupe = dedupe
         """Write format 3 (chunks shared by a job's checkpoints); False writes format 1 (plain image files)."""
+        self.stores_job_logs = False
+        """Whether each image also holds the job's logs as of the checkpoint, for servers that restore without this state directory."""
         self._threads = hash_threads
         self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="checkpoint-hash")
         self._guard = threading.Lock()
@@ -494,6 +496,7 @@ class LocalCheckpointStore:
         else:
             manifest = self._plain_manifest(staging, writer.finish(), common)
         pause_point("before-manifest", self.root)
+        self._publish(manifest)
         self._write_manifest(staging, manifest)
 
         final = self.location(job_id, number)
@@ -503,6 +506,9 @@ class LocalCheckpointStore:
         if self.fsync:
             fsync_path(final.parent)
         return manifest
+
+    def _publish(self, manifest: Manifest) -> None:
+        """Copy a committed checkpoint to remote storage before its local manifest is written; the local store keeps nothing elsewhere."""
 
     def _chunked_manifest(self, image: ChunkedImage, common: dict) -> Manifest:
         files = tuple(ManifestFile(name, stored.size, None, stored.chunks, stored.chunk_sizes) for name, stored in sorted(image.files.items()))
@@ -560,18 +566,20 @@ class LocalCheckpointStore:
             fsync_path(directory)
 
     def read_manifest(self, job_id: str, number: int) -> Manifest:
-        path = self.location(job_id, number) / MANIFEST_NAME
         where = f"of job {job_id} checkpoint {number}"
-        try:
-            text = path.read_text()
-        except FileNotFoundError as error:
-            raise CorruptCheckpointError(f"checkpoint {number} of job {job_id} has no manifest at {path}; it was never completed") from error
-        manifest = parse_manifest(text, where)
+        manifest = parse_manifest(self._read_manifest_text(job_id, number), where)
         if manifest.job_id != job_id or manifest.checkpoint != number:
             raise CorruptCheckpointError(
                 f"manifest {where} belongs to job {manifest.job_id} checkpoint {manifest.checkpoint}; the store directory was altered"
             )
         return manifest
+
+    def _read_manifest_text(self, job_id: str, number: int) -> str:
+        path = self.location(job_id, number) / MANIFEST_NAME
+        try:
+            return path.read_text()
+        except FileNotFoundError as error:
+            raise CorruptCheckpointError(f"checkpoint {number} of job {job_id} has no manifest at {path}; it was never completed") from error
 
     def copy(self, source_job_id: str, number: int, target_job_id: str) -> Manifest:
         """Copy checkpoint `number` of one job into another job's checkpoints, under the same number.

@@ -155,7 +155,12 @@ class ChunkDirectory:
             raise CorruptCheckpointError(f"{where}: chunk {digest} is missing from {self.path}")
         with open(path, "rb") as chunk_file:
             stored = chunk_file.read()
-        if path.name.endswith(ZSTD_SUFFIX):
+        return self.decode(path.name, stored, where, size)
+
+    def decode(self, name: str, stored: bytes, where: str, size: int | None = None) -> bytes:
+        """Return the uncompressed bytes of the chunk file `name` whose content is `stored`, checked like `read` checks them."""
+        digest = name.removesuffix(ZSTD_SUFFIX)
+        if name.endswith(ZSTD_SUFFIX):
             try:
                 data = self._decompressor().decompress(stored)
             except zstandard.ZstdError as error:
@@ -167,6 +172,17 @@ class ChunkDirectory:
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptCheckpointError(f"{where}: chunk {digest} fails its sha256 check")
         return data
+
+    def install(self, name: str, stored: bytes) -> None:
+        """Store the chunk file `name` with content `stored`, as fetched from elsewhere and already checked with `decode`."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        temporary = self.path / f"{name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_all(fd, stored)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self.path / name)
 
     def stored_size(self, digest: str) -> int | None:
         path = self.stored_path(digest)
