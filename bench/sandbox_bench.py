@@ -5,7 +5,8 @@ MiB resident, through SandboxRuntime with a memory limit. Each repetition:
 
 1. times `criu dump --leave-running` of the job, run by hand with the
    runtime's dump options (raw), and SandboxRuntime.checkpoint() with
-   leave_running (Checker), into separate directories;
+   leave_running (Checker), into separate directories, taking turns at
+   going first;
 2. SIGKILLs the job and times a hand-run `criu restore` of the raw image
    with the runtime's restore options, its prepared root and cgroup set up
    beforehand and outside the timing (raw), then kills that copy and times
@@ -84,12 +85,21 @@ async def measure_size(runtime: SandboxRuntime, work: Path, size_mib: int, repet
             raw_image.mkdir()
             checker_image.mkdir()
 
-            os.sync()
-            timings["raw dump"].append(timed_criu(["dump", "--tree", str(process.pid), "--images-dir", str(raw_image), *DUMP_OPTIONS, "--leave-running"], raw_image / "dump.log"))
-            os.sync()
-            started = time.perf_counter()
-            await runtime.checkpoint(spec, process, checker_image, leave_running=True, log_path=checker_image / "dump.log", context="bench dump")
-            timings["checker dump"].append(time.perf_counter() - started)
+            async def raw_dump() -> None:
+                os.sync()
+                arguments = ["dump", "--tree", str(process.pid), "--images-dir", str(raw_image), *DUMP_OPTIONS, "--leave-running"]
+                timings["raw dump"].append(timed_criu(arguments, raw_image / "dump.log"))
+
+            async def checker_dump() -> None:
+                os.sync()
+                started = time.perf_counter()
+                await runtime.checkpoint(spec, process, checker_image, leave_running=True, log_path=checker_image / "dump.log", context="bench dump")
+                timings["checker dump"].append(time.perf_counter() - started)
+
+            # The variants take turns going first, so neither always pays for the other's writeback.
+            dumps = [raw_dump, checker_dump] if repetition % 2 == 0 else [checker_dump, raw_dump]
+            for dump in dumps:
+                await dump()
 
             await kill_and_wait(process)
             runtime.job_cgroup(spec).create(spec.limits)
