@@ -33,13 +33,14 @@ from pathlib import Path
 
 from checker.cli.client import APIError, CallerClient
 from demo.dataset import upload_document
-from demo.s3client import create_s3_client
+from demo.s3client import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY, create_s3_client
 from demo.s3server import DemoS3Server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARSE_JOB = REPO_ROOT / "demo" / "parse_job.py"
 BUCKET = "geonames"
 KEY = "cities.json"
+CHECKPOINT_BUCKET = "checker-checkpoints"
 MIB = 1024 * 1024
 
 
@@ -78,15 +79,19 @@ class CheckerServerProcess:
         self.plan = plan
         self.process: subprocess.Popen | None = None
         self.log_path = plan.state_dir / "server.log"
+        self.extra_args: list[str] = []
+        """More `checker server` options, such as an S3 checkpoint store."""
+        self.extra_env: dict[str, str] = {}
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.plan.port}"
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "checker", "server", "--port", str(self.plan.port), "--state-dir", str(self.plan.state_dir)]
+        command = [sys.executable, "-m", "checker", "server", "--port", str(self.plan.port), "--state-dir", str(self.plan.state_dir), *self.extra_args]
+        env = {**os.environ, **self.extra_env}
         with open(self.log_path, "a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env)
         with CallerClient(self.url) as client:
             deadline = time.monotonic() + 30
             while not client.is_up():
@@ -237,6 +242,20 @@ def report(client: CallerClient, s3: DemoS3Server, job: dict, size: int, expecte
     return job["state"] == "completed" and matches and covered and few_repeats
 
 
+def use_s3_checkpoint_store(server: CheckerServerProcess, s3: DemoS3Server) -> None:
+    """Make the demo's Checker server keep its checkpoints in a bucket of the demo's S3 server."""
+    create_s3_client(s3.endpoint_url).create_bucket(Bucket=CHECKPOINT_BUCKET)
+    server.extra_args = ["--checkpoint-store", f"s3://{CHECKPOINT_BUCKET}/demo", "--s3-endpoint-url", s3.endpoint_url]
+    server.extra_env = {"AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": TEST_SECRET_ACCESS_KEY, "AWS_DEFAULT_REGION": TEST_REGION}
+    say(f"checkpoints go to s3://{CHECKPOINT_BUCKET}/demo on the same S3 server")
+
+
+def count_checkpoint_objects(s3: DemoS3Server) -> int:
+    client = create_s3_client(s3.endpoint_url)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=CHECKPOINT_BUCKET)
+    return sum(len(page.get("Contents", [])) for page in pages)
+
+
 def kill_unfinished_job(server: CheckerServerProcess, job_id: str | None) -> None:
     """Kill the demo's job when the demo stops early, so it does not outlive the demo."""
     if job_id is None or server.process is None or server.process.poll() is not None:
@@ -257,6 +276,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kill-job-at", type=float, default=0.4, help="Progress fraction at which the job is SIGKILLed (default 0.4).")
     parser.add_argument("--kill-server-at", type=float, default=0.7, help="Progress fraction at which the server is SIGKILLed (default 0.7).")
     parser.add_argument("--port", type=int, default=8191, help="Port of the demo's Checker server (default 8191).")
+    parser.add_argument(
+        "--checkpoint-store", choices=["local", "s3"], default="local", help="Where the Checker server keeps checkpoints: its state directory (default) or a bucket of the demo's S3 server."
+    )
     parser.add_argument("--state-dir", help="State directory of the demo's server (default: a temporary directory, removed afterwards).")
     args = parser.parse_args(argv)
     if not 0 < args.kill_job_at < args.kill_server_at < 1:
@@ -280,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with DemoS3Server() as s3:
             size, expected = prepare_object(s3, plan)
+            if args.checkpoint_store == "s3":
+                use_s3_checkpoint_store(server, s3)
             server.start()
             say(f"checker server running at {server.url} (state in {state_dir})")
             with CallerClient(server.url) as client:
@@ -291,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             final = drive(plan, server, s3, job["id"])
             with CallerClient(server.url) as client:
                 ok = report(client, s3, final, size, expected, job_kills=1)
+            if args.checkpoint_store == "s3":
+                objects = count_checkpoint_objects(s3)
+                say(f"checkpoint objects in s3://{CHECKPOINT_BUCKET}/demo: {objects}")
+                ok = ok and objects > 0
     except (APIError, RuntimeError, OSError) as error:
         say(f"error: {error}")
         server.print_log_tail()

@@ -6,13 +6,16 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT, free_port
 
 
-def test_demo_survives_job_and_server_kill(tmp_path) -> None:
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_demo_survives_job_and_server_kill(tmp_path, store: str) -> None:
     command = [
         sys.executable, "-m", "demo", "--size-mb", "30", "--range-mb", "2",
-        "--port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+        "--port", str(free_port()), "--state-dir", str(tmp_path / "state"), "--checkpoint-store", store,
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = completed.stdout
@@ -31,3 +34,6 @@ def test_demo_survives_job_and_server_kill(tmp_path) -> None:
     range_bytes = 2 * 1024 * 1024
     assert size <= bytes_sent <= size + range_bytes
     assert re.search(r"ranges fetched more than once: [01] ", output), output
+    if store == "s3":
+        objects = re.search(r"checkpoint objects in s3://checker-checkpoints/demo: (\d+)", output)
+        assert objects is not None and int(objects.group(1)) > 0, output
