@@ -30,11 +30,8 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import statistics
 import subprocess
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -42,14 +39,8 @@ from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.cgroups import Limits
 from checker.runtimes.container import BUNDLES_DIR, RUNC_ROOT, ContainerRuntime, find_runc, write_criu_config
 from checker.runtimes.criu import find_criu
-from checker.runtimes.procfs import ProcessIdentity, become_child_subreaper, identify, is_alive, wait_for_exit
-
-JOB = """
-    import os, sys, time
-    block = bytearray(os.urandom(1 << 20)) * int(sys.argv[1])
-    for _ in range(6000):
-        time.sleep(0.1)
-"""
+from checker.runtimes.procfs import become_child_subreaper, identify
+from runtime_pairs import kill_and_wait, print_ratio_header, print_ratio_row, write_hold_job
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -87,16 +78,10 @@ def raw_bundle(job_bundle: Path, target: Path) -> Path:
     return target
 
 
-async def kill_and_wait(process: ProcessIdentity) -> None:
-    if is_alive(process):
-        os.kill(process.pid, signal.SIGKILL)
-    await wait_for_exit(process)
-
-
 async def measure_size(runtime: ContainerRuntime, rootfs: str, work: Path, size_mib: int, repetitions: int) -> dict[str, list[float]]:
     scripts = work / "scripts"
     scripts.mkdir(exist_ok=True)
-    (scripts / "hold.py").write_text(textwrap.dedent(JOB))
+    write_hold_job(scripts)
     config = {"command": ["/usr/bin/python3", "/bench/hold.py", str(size_mib)], "rootfs": rootfs, "mounts": [f"{scripts}:/bench"]}
     files = JobFiles.under(work / f"job-{size_mib}")
     spec = LaunchSpec(job_id=f"bench-{size_mib}-{os.getpid()}", command=config["command"], env={}, files=files, config=config, limits=Limits(memory_mib=size_mib + 256))
@@ -167,16 +152,10 @@ async def main() -> None:
     runtime = ContainerRuntime(find_criu())
     work = Path(tempfile.mkdtemp(prefix="checker-container-bench-", dir="/var/tmp"))
     try:
-        print("| size | raw dump (s) | Checker dump (s) | ratio | raw restore (s) | Checker restore (s) | ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print_ratio_header()
         for size in (int(part) for part in arguments.sizes.split(",")):
             timings = await measure_size(runtime, arguments.rootfs, work, size, arguments.repetitions)
-            medians = {name: statistics.median(values) for name, values in timings.items()}
-            print(
-                f"| {size} MiB | {medians['raw dump']:.3f} | {medians['checker dump']:.3f} | {medians['checker dump'] / medians['raw dump']:.2f} "
-                f"| {medians['raw restore']:.3f} | {medians['checker restore']:.3f} | {medians['checker restore'] / medians['raw restore']:.2f} |",
-                flush=True,
-            )
+            print_ratio_row(size, timings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -35,12 +35,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import shutil
-import statistics
 import subprocess
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -49,14 +46,8 @@ from checker.runtimes.cgroups import Limits
 from checker.runtimes.container import DUMP_CRIU_OPTIONS, RESTORE_CRIU_OPTIONS, container_prefix, write_criu_config
 from checker.runtimes.criu import find_criu
 from checker.runtimes.podman import PODMAN_OPTIONS, PodmanRuntime, find_podman
-from checker.runtimes.procfs import ProcessIdentity, become_child_subreaper, identify, is_alive, wait_for_exit
-
-JOB = """
-    import os, sys, time
-    block = bytearray(os.urandom(1 << 20)) * int(sys.argv[1])
-    for _ in range(6000):
-        time.sleep(0.1)
-"""
+from checker.runtimes.procfs import ProcessIdentity, become_child_subreaper, identify
+from runtime_pairs import kill_and_wait, print_ratio_header, print_ratio_row, write_hold_job
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -102,16 +93,10 @@ def criu_config_of(name: str) -> Path:
     return Path(run_podman("inspect", "--format", '{{ index .Config.Annotations "org.criu.config" }}', name).strip())
 
 
-async def kill_and_wait(process: ProcessIdentity) -> None:
-    if is_alive(process):
-        os.kill(process.pid, signal.SIGKILL)
-    await wait_for_exit(process)
-
-
 async def measure_size(runtime: PodmanRuntime, image: str, work: Path, size_mib: int, repetitions: int) -> dict[str, list[float]]:
     scripts = work / "scripts"
     scripts.mkdir(exist_ok=True)
-    (scripts / "hold.py").write_text(textwrap.dedent(JOB))
+    write_hold_job(scripts)
     config = {"command": ["/usr/bin/python3", "/bench/hold.py", str(size_mib)], "image": image, "mounts": [f"{scripts}:/bench"]}
     files = JobFiles.under(work / f"job-{size_mib}")
     spec = LaunchSpec(job_id=f"bench-{size_mib}-{os.getpid()}", command=config["command"], env={}, files=files, config=config, limits=Limits(memory_mib=size_mib + 256))
@@ -192,16 +177,10 @@ async def main() -> None:
     runtime = PodmanRuntime(find_criu())
     work = Path(tempfile.mkdtemp(prefix="checker-podman-bench-", dir="/var/tmp"))
     try:
-        print("| size | raw dump (s) | Checker dump (s) | ratio | raw restore (s) | Checker restore (s) | ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print_ratio_header()
         for size in (int(part) for part in arguments.sizes.split(",")):
             timings = await measure_size(runtime, arguments.image, work, size, arguments.repetitions)
-            medians = {name: statistics.median(values) for name, values in timings.items()}
-            print(
-                f"| {size} MiB | {medians['raw dump']:.3f} | {medians['checker dump']:.3f} | {medians['checker dump'] / medians['raw dump']:.2f} "
-                f"| {medians['raw restore']:.3f} | {medians['checker restore']:.3f} | {medians['checker restore'] / medians['raw restore']:.2f} |",
-                flush=True,
-            )
+            print_ratio_row(size, timings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

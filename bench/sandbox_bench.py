@@ -25,11 +25,8 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
-import statistics
 import subprocess
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -37,15 +34,9 @@ from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.cgroups import Limits
 from checker.runtimes.criu import find_criu
 from checker.runtimes.process import DUMP_OPTIONS, restore_options
-from checker.runtimes.procfs import ProcessIdentity, become_child_subreaper, identify, wait_for_exit
+from checker.runtimes.procfs import become_child_subreaper, identify
 from checker.runtimes.sandbox import SandboxRuntime
-
-JOB = """
-    import os, sys, time
-    block = bytearray(os.urandom(1 << 20)) * int(sys.argv[1])
-    for _ in range(6000):
-        time.sleep(0.1)
-"""
+from runtime_pairs import kill_and_wait, print_ratio_header, print_ratio_row, write_hold_job
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -53,11 +44,6 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--sizes", default="50,500", help="comma-separated sizes of the job's memory, in MiB")
     parser.add_argument("--repetitions", type=int, default=5, help="dumps and restores per size and variant")
     return parser.parse_args()
-
-
-async def kill_and_wait(process: ProcessIdentity) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    await wait_for_exit(process)
 
 
 def timed_criu(arguments: list[str], log_path: Path) -> float:
@@ -70,7 +56,7 @@ def timed_criu(arguments: list[str], log_path: Path) -> float:
 async def measure_size(runtime: SandboxRuntime, work: Path, size_mib: int, repetitions: int) -> dict[str, list[float]]:
     scripts = work / "scripts"
     scripts.mkdir(exist_ok=True)
-    (scripts / "hold.py").write_text(textwrap.dedent(JOB))
+    write_hold_job(scripts)
     config = {"command": ["/usr/bin/python3", "/bench/hold.py", str(size_mib)], "read_only_binds": [f"{scripts}:/bench"]}
     files = JobFiles.under(work / f"job-{size_mib}")
     spec = LaunchSpec(job_id=f"bench-{size_mib}-{os.getpid()}", command=config["command"], env={}, files=files, config=config, limits=Limits(memory_mib=size_mib + 256))
@@ -132,16 +118,10 @@ async def main() -> None:
     runtime = SandboxRuntime(find_criu())
     work = Path(tempfile.mkdtemp(prefix="checker-sandbox-bench-", dir="/var/tmp"))
     try:
-        print("| size | raw dump (s) | Checker dump (s) | ratio | raw restore (s) | Checker restore (s) | ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print_ratio_header()
         for size in (int(part) for part in arguments.sizes.split(",")):
             timings = await measure_size(runtime, work, size, arguments.repetitions)
-            medians = {name: statistics.median(values) for name, values in timings.items()}
-            print(
-                f"| {size} MiB | {medians['raw dump']:.3f} | {medians['checker dump']:.3f} | {medians['checker dump'] / medians['raw dump']:.2f} "
-                f"| {medians['raw restore']:.3f} | {medians['checker restore']:.3f} | {medians['checker restore'] / medians['raw restore']:.2f} |",
-                flush=True,
-            )
+            print_ratio_row(size, timings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
