@@ -53,7 +53,7 @@ class Settings:
     """CRIU binary; None searches CHECKER_CRIU, the project prefix, then PATH."""
 
     criu_timeout_seconds: float = DEFAULT_CRIU_TIMEOUT_SECONDS
-    """Longest one CRIU dump or restore may run before it is killed and the operation fails."""
+    """Maximum seconds one CRIU dump or restore may run before it is killed and the operation fails."""
 
     api_token: str | None = None
     """Bearer token the caller API requires; None leaves it open to local callers."""
@@ -86,7 +86,7 @@ class Settings:
     """Maximum time a drain waits for the jobs' checkpoints, in seconds; jobs not suspended by then keep running."""
 
     checkpoint_store: str | None = None
-    """Where checkpoints live: None for `checkpoints_dir`, or `s3://BUCKET/PREFIX` for an S3 bucket with a local cache in `checkpoints_dir`."""
+    """Location of the checkpoints: None for `checkpoints_dir`, or `s3://BUCKET/PREFIX` for an S3 bucket with a local cache in `checkpoints_dir`."""
 
     s3_endpoint_url: str | None = None
     """URL of the S3 endpoint of an S3 checkpoint store; None uses boto3's default for its region."""

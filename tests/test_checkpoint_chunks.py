@@ -109,8 +109,8 @@ def test_second_checkpoint_stores_little(client, server, heap_script, tmp_path) 
     first, second = client.checkpoints(heap.id)
     assert first["stored_bytes"] >= 24 << 20
     # Chunks average about 576 KiB, so on a 24 MiB heap the interpreter's own
-    # changed pages cost a varying share (22 % in one suite run); without dedupe it is
-    # about 100 %. The 5 % target is measured on 1 GiB by bench/dedupe_bench.py.
+    # changed pages cost a varying share (22 % in one suite run). Without dedupe
+    # it is about 100 %. The 5 % target is measured on 1 GiB by bench/dedupe_bench.py.
     assert second["stored_bytes"] < first["stored_bytes"] * 0.4
     shared = manifest_chunks(server.state_dir, heap.id, 1) & manifest_chunks(server.state_dir, heap.id, 2)
     assert len(shared) >= 20

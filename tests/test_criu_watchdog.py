@@ -60,7 +60,7 @@ def criu_processes(image_root: Path) -> list[int]:
     return found
 
 
-def test_dump_ends_when_the_job_is_killed_during_it(tmp_path: Path, child_subreaper) -> None:
+def test_dump_ends_after_job_sigkill(tmp_path: Path, child_subreaper) -> None:
     async def one_round(runtime: ProcessRuntime, index: int) -> tuple[float, str]:
         files = JobFiles.under(tmp_path / f"job-{index}")
         files.work_dir.mkdir(parents=True)
@@ -93,7 +93,7 @@ def test_dump_ends_when_the_job_is_killed_during_it(tmp_path: Path, child_subrea
     try:
         rounds, lingering_criu = asyncio.run(scenario())
     finally:
-        # A hung CRIU holds the killed job in the kernel; end both so a failure leaves nothing behind.
+        # A hung CRIU keeps the killed job in the kernel, so end both and leave nothing behind after a failure.
         for pid in criu_processes(tmp_path / "images"):
             os.kill(pid, signal.SIGKILL)
     assert all(seconds < ABANDON_GRACE_SECONDS + 5 for seconds, _ in rounds), rounds

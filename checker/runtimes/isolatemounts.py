@@ -11,11 +11,11 @@ logins (/run/user/UID), and Checker itself (other jobs' sandbox roots under
 Run it as the first command inside bwrap:
 `python -I -S isolatemounts.py KEEP -- COMMAND...`. It makes every mount of
 the namespace private, so later host mounts stay out. It keeps the host's
-disk and network file systems, /proc, /sys and /dev with what is mounted
-below them, and /run, /run/lock and /tmp themselves, plus KEEP (the job's own
-directory) and the mounts below it; it detaches every other mount. Then it
-executes COMMAND, the job's init, so nothing of this file stays in the job's
-image.
+disk and network file systems, and /proc, /sys and /dev with what is mounted
+below them. It keeps /run, /run/lock and /tmp themselves, and KEEP (the job's
+own directory) with the mounts below it. It detaches every other mount. Then
+it executes COMMAND, the job's init, so nothing of this file stays in the
+job's image.
 """
 
 from __future__ import annotations

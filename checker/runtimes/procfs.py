@@ -66,7 +66,7 @@ def is_exiting(identity: ProcessIdentity) -> bool:
 
     A namespace init that got SIGKILL stays in do_exit() until every process
     of its namespace is reaped, so it neither runs nor is a zombie yet; the
-    PF_EXITING flag tells that state apart from a sleeping process.
+    PF_EXITING flag distinguishes that state from a sleeping process.
     """
     fields = read_stat_fields(identity.pid)
     if fields is None or int(fields[19]) != identity.start_time:

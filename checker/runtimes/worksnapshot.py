@@ -4,7 +4,7 @@ CRIU runs this file as its action script (`criu dump --action-script`). At
 the `post-dump` action every process of the job is still frozen, so the tar
 archive written then matches the memory image exactly: files the job writes
 after the checkpoint are rolled back with its memory on restore, and files it
-holds open have the sizes CRIU recorded. The archive is one more file of the
+keeps open have the sizes CRIU recorded. The archive is one more file of the
 checkpoint's image, hashed and verified with the rest.
 
 Run as `python -I -S worksnapshot.py` with CHECKER_WORK_DIR and

@@ -130,7 +130,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             connection.connect(self._socket_path)
         except OSError:
             # A refused connect must leave no socket behind: gVisor cannot
-            # checkpoint a sandbox that holds a host unix socket.
+            # checkpoint a sandbox that has a host unix socket open.
             connection.close()
             raise
         self.sock = connection

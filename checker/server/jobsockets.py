@@ -2,8 +2,8 @@
 
 A job in a gVisor sandbox has no network. It reaches the server through a
 unix socket of its own, bind-mounted into the sandbox. runsc (2024-07 build)
-cannot checkpoint a sandbox that holds a connection to a host unix socket: the
-checkpoint fails with an encoding error. So while the server checkpoints such
+cannot checkpoint a sandbox that has a connection to a host unix socket open,
+because the checkpoint fails with an encoding error. So while the server checkpoints such
 a job it stops listening on the job's socket and aborts every connection of
 it, the in-flight checkpoint call included. The SDK's connects are refused
 meanwhile and it retries with the same token, so the call is answered from

@@ -667,7 +667,7 @@ class JobRunner:
             self._rewind_logs(manifest.job_files)
             if self.runtime.uses_job_socket(self.job.runtime_config):
                 # The copy's retried calls must see the restore recorded first, or
-                # a retried checkpoint call would be answered `restored: false`.
+                # a retried checkpoint call would return `restored: false`.
                 await self.context.job_sockets.stop_listening(self.job_id)
             try:
                 process, image, rebuild_seconds = await self._restore_from_image(checkpoint, manifest, use_cache=True)
@@ -829,7 +829,7 @@ class JobRunner:
         dump, so a server that takes over a job from another state
         directory needs the copies that `_copy_logs_to_image` stored. The
         state store keeps only a hash of the job's token, so such a server
-        issues a new token; the SDK reads the identity file again before
+        issues a new token. The SDK reads the identity file again before
         each call.
         """
         self.files.job_dir.mkdir(parents=True, exist_ok=True)

@@ -442,7 +442,7 @@ class LocalCheckpointStore:
         self.dedupe = dedupe
         """Write format 3 (chunks shared by a job's checkpoints); False writes format 1 (plain image files)."""
         self.stores_job_logs = False
-        """Whether each image also holds the job's logs as of the checkpoint, for servers that restore without this state directory."""
+        """Whether each image also contains the job's logs as of the checkpoint, for servers that restore without this state directory."""
         self._threads = hash_threads
         self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="checkpoint-hash")
         self._guard = threading.Lock()

@@ -215,8 +215,8 @@ class ChunkDirectory:
     def _compresses(self, data: bytes | memoryview) -> bool:
         """Return whether zstd shrinks the chunk's first PROBE_BYTES by at least PROBE_MIN_SAVING.
 
-        Random or already compressed memory does not shrink, and compressing a
-        whole chunk of it only to store it at the same size costs about
+        Random or already compressed memory does not shrink. Compressing a
+        whole chunk of it only to store it at the same size cost about
         0.17 s per GiB at level 1 on the 2-vCPU machine of docs/benchmarks.md,
         against 0.02 s for the probes.
         """
@@ -336,11 +336,11 @@ def is_boundary(page: memoryview, pages_in_chunk: int) -> bool:
 class ImageChunker:
     """Split CRIU's image files into chunks and store them, starting while CRIU still writes the page images.
 
-    The page images hold nearly all of a checkpoint's bytes. A thread follows
-    each `pages-*.img` as it grows, reads its whole pages, cuts chunks at
-    content-defined boundaries (see the module documentation) and hands each
-    chunk to a thread pool, which hashes it and compresses and writes it
-    when it is new. CRIU writes each page image sequentially, and the kernel
+    The page images contain nearly all of a checkpoint's bytes. A thread
+    follows each `pages-*.img` as it grows, reads its whole pages and cuts
+    chunks at content-defined boundaries (see the module documentation). It
+    hands each chunk to a thread pool, which hashes it, and compresses and
+    writes it when it is new. CRIU writes each page image sequentially, and the kernel
     raises a file's size only after the data before it is in place, so
     reading up to the current size sees final bytes. `finish()` reads the
     rest, and every other image file, after the dump.
