@@ -136,6 +136,23 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = connection
 
 
+class KeepaliveHTTPConnection(http.client.HTTPConnection):
+    """HTTP connection over TCP that notices within seconds when its peer has forgotten it.
+
+    A call may wait minutes for its answer (a checkpoint), so a read timeout
+    cannot tell a slow answer from a lost connection. Keepalive probes can: a
+    peer that no longer knows the connection, such as the user network of a
+    restored VM, answers them with a reset, and the call is retried.
+    """
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                self.sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class RuntimeClient:
     """Client of the runtime API for one job, authenticated by the job's token."""
 
@@ -269,7 +286,7 @@ class RuntimeClient:
         if self._socket_path is not None:
             connection = UnixHTTPConnection(self._socket_path, timeout)
         else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            connection = KeepaliveHTTPConnection(self._host, self._port, timeout=timeout)
         try:
             headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
             data = None
