@@ -26,6 +26,7 @@ from checker.runtimes.container import find_runc
 from checker.runtimes.podman import find_podman
 from checker.runtimes.criu import Criu, CriuNotFoundError, find_criu
 from checker.runtimes.gvisor import find_runsc
+from checker.runtimes.vm import DEFAULT_IMAGE_DIR, accelerator, find_qemu
 from checker.runtimes.process import ProcessRuntime
 from checker.runtimes.procfs import become_child_subreaper
 
@@ -145,8 +146,26 @@ def check_runtimes(criu_usable: bool, root: bool, bubblewrap: bool) -> list[Chec
     results.append(container)
     results.append(check_podman_runtime(container))
     results.append(check_gvisor())
-    results.append(CheckResult("runtime vm", False, "not built: this release has no QEMU microVM runtime", required=False))
+    results.append(check_vm())
     return results
+
+
+def check_vm() -> CheckResult:
+    """Report whether the vm runtime can run here: QEMU, zstd and the guest image found, and which accelerator it would use."""
+    qemu = find_qemu()
+    if qemu is None:
+        return CheckResult("runtime vm", False, "unavailable: qemu-system-x86_64 not found; install it with scripts/install-qemu.sh or set CHECKER_QEMU", required=False)
+    if shutil.which("zstd") is None:
+        return CheckResult("runtime vm", False, "unavailable: zstd not found (it compresses snapshots); install it with scripts/install-qemu.sh", required=False)
+    missing = [name for name in ("vmlinuz", "initramfs.cpio") if not (DEFAULT_IMAGE_DIR / name).is_file()]
+    if missing:
+        return CheckResult("runtime vm", False, f"unavailable: {', '.join(missing)} missing from {DEFAULT_IMAGE_DIR}; build the guest image with scripts/build-vm-image.sh", required=False)
+    try:
+        version = subprocess.run([str(qemu), "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return CheckResult("runtime vm", False, f"unavailable: {qemu} --version failed", required=False)
+    _, reason = accelerator()
+    return CheckResult("runtime vm", True, f"available: {version}, guest image in {DEFAULT_IMAGE_DIR}; jobs run under {reason}", required=False)
 
 
 def check_podman_runtime(container: CheckResult) -> CheckResult:

@@ -466,6 +466,8 @@ def command_definitions_create(args: argparse.Namespace) -> int:
         runtime["rootfs"] = args.rootfs
     if args.mount:
         runtime["mounts"] = args.mount
+    if args.file:
+        runtime["files"] = args.file
     limits = {name: value for name, value in (("memory_mib", args.memory_mib), ("cpu_cores", args.cpu_cores), ("pids", args.pids)) if value is not None}
     with connect(args) as client:
         definition = client.create_definition(
@@ -587,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     definitions_create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="Environment variable of every job of this version.")
     definitions_create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="Metadata of the definition; repeat for several.")
     definitions_create.add_argument("--execution-timeout", type=float, help="Seconds a job may run, suspended time included, before it fails.")
-    definitions_create.add_argument("--runtime", choices=["process", "sandbox", "container", "podman"], default="process", help="Runtime of the jobs (default process).")
+    definitions_create.add_argument("--runtime", choices=["process", "sandbox", "container", "podman", "gvisor", "vm"], default="process", help="Runtime of the jobs (default process).")
     definitions_create.add_argument(
         "--read-only-bind", action="append", default=[], metavar="HOST_PATH[:SANDBOX_PATH]", help="sandbox only: a host path the job may read; repeat for several."
     )
@@ -596,7 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     definitions_create.add_argument(
         "--mount", action="append", default=[], metavar="HOST_PATH:CONTAINER_PATH[:ro|rw]", help="container only: a host path mounted into the container (read-only unless :rw); repeat for several."
     )
-    definitions_create.add_argument("--memory-mib", type=int, help="Memory limit (RAM and swap) of each job, in MiB.")
+    definitions_create.add_argument(
+        "--file", action="append", default=[], metavar="HOST_PATH", help="vm only: a host file or directory copied into the guest at the same path; repeat for several."
+    )
+    definitions_create.add_argument("--memory-mib", type=int, help="Memory limit (RAM and swap) of each job, in MiB; for vm jobs, the guest's RAM.")
     definitions_create.add_argument("--cpu-cores", type=float, help="CPU quota of each job, in cores (e.g. 0.5).")
     definitions_create.add_argument("--pids", type=int, help="Maximum number of processes and threads of each job.")
     add_client_options(definitions_create)

@@ -131,6 +131,10 @@ class Runtime(ABC):
         """
         return False
 
+    def launch_details(self, config: dict) -> dict:
+        """Return facts about how jobs of `config` run here, for their events; "summary" is a sentence for people."""
+        return {}
+
     @abstractmethod
     async def start(self, spec: LaunchSpec) -> ProcessIdentity:
         """Start the job from the beginning."""

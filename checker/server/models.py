@@ -34,7 +34,7 @@ class StrictModel(BaseModel):
 
 
 class RuntimeSpec(StrictModel):
-    type: Literal["process", "sandbox", "container", "podman", "gvisor"] = Field(description="Runtime type that runs the job.")
+    type: Literal["process", "sandbox", "container", "podman", "gvisor", "vm"] = Field(description="Runtime type that runs the job.")
     command: list[str] = Field(min_length=1, description="Program and arguments, e.g. [\"python3\", \"/srv/job.py\"].")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every job of this definition.")
     read_only_binds: list[str] | None = Field(
@@ -55,6 +55,12 @@ class RuntimeSpec(StrictModel):
     working_dir: str | None = Field(default=None, description="container and podman: the job's current directory inside the container (default /run/checker/job/work).")
     python: str | None = Field(default=None, description="container and podman: Python inside the root file system or image that runs the container's init (default /usr/bin/python3).")
     platform: Literal["systrap", "ptrace"] | None = Field(default=None, description="gvisor only: gVisor platform; systrap when omitted.")
+    files: list[str] | None = Field(default=None, description="vm only: absolute host paths (files or directories) copied into the guest at the same paths at each start, e.g. the job's script.")
+    memory_mib: int | None = Field(default=None, strict=True, description="vm only: the guest's RAM in MiB (default 512); a memory_mib limit overrides it.")
+    vcpus: int | None = Field(default=None, strict=True, description="vm only: the guest's virtual CPUs (default 1); a cpu_cores limit overrides it.")
+    accelerator: Literal["auto", "kvm", "tcg"] | None = Field(default=None, description="vm only: 'auto' (the default) uses KVM when it can run the guest, else TCG.")
+    kernel: str | None = Field(default=None, description="vm only: the guest kernel (default /opt/checker/vm/vmlinuz from scripts/build-vm-image.sh).")
+    initramfs: str | None = Field(default=None, description="vm only: the guest's initramfs (default /opt/checker/vm/initramfs.cpio).")
 
     @model_validator(mode="after")
     def runtime_specific_fields(self) -> "RuntimeSpec":
@@ -62,6 +68,10 @@ class RuntimeSpec(StrictModel):
             raise ValueError(f"mounts apply to the container, podman and gvisor runtimes only, not to {self.type!r}")
         if self.type != "gvisor" and self.platform is not None:
             raise ValueError(f"platform applies to the gvisor runtime only, not to {self.type!r}")
+        vm_fields = ("files", "memory_mib", "vcpus", "accelerator", "kernel", "initramfs")
+        for name in vm_fields:
+            if self.type != "vm" and getattr(self, name) is not None:
+                raise ValueError(f"{name} applies to the vm runtime only, not to {self.type!r}")
         return self
 
     @field_validator("mounts")

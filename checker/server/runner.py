@@ -349,7 +349,7 @@ class JobRunner:
         restarted = self.job.started_at is not None
         self.job = self.context.state.update_job(
             self.job_id,
-            event=("started", f"job {self.job_id} {reason} as process {self.process.pid}", {"pid": self.process.pid}),
+            event=("started", f"job {self.job_id} {reason} as process {self.process.pid}{self._launch_summary()}", {"pid": self.process.pid, **self._launch_details()}),
             state=JobState.RUNNING,
             pid=self.process.pid,
             pid_start_time=self.process.start_time,
@@ -359,6 +359,15 @@ class JobRunner:
         logger.info("job %s %s (pid %d, runtime %s)", self.job_id, reason, self.process.pid, self.job.runtime_type)
         self._watch()
         self._schedule_timeout()
+
+    def _launch_details(self) -> dict[str, Any]:
+        """Facts the runtime reports about how this job runs here, such as a VM's accelerator."""
+        details = self.runtime.launch_details(self.job.runtime_config)
+        return {name: value for name, value in details.items() if name != "summary"}
+
+    def _launch_summary(self) -> str:
+        summary = self.runtime.launch_details(self.job.runtime_config).get("summary")
+        return f"; {summary}" if summary else ""
 
     async def _listen_for_job(self) -> None:
         """Serve the runtime API on the job's own socket, for runtimes whose jobs have no network."""
@@ -680,7 +689,7 @@ class JobRunner:
         seconds = time.monotonic() - started
 
         restore_number = self.job.restore_count + 1
-        message = f"job {self.job_id} restored from checkpoint {checkpoint.number} (restore {restore_number}) in {seconds:.3f} s because {reason}"
+        message = f"job {self.job_id} restored from checkpoint {checkpoint.number} (restore {restore_number}) in {seconds:.3f} s because {reason}{self._launch_summary()}"
         self.job = self.context.state.update_job(
             self.job_id,
             event=(
@@ -694,6 +703,7 @@ class JobRunner:
                     "image_source": image.source,
                     "pid": self.process.pid,
                     "log_sizes": manifest.job_files,
+                    **self._launch_details(),
                 },
             ),
             state=JobState.RUNNING,
