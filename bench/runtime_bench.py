@@ -10,7 +10,11 @@ and the restore
 figure is the `seconds` of each `restored` event (image verification plus the
 runtime's restore). Medians are printed as a Markdown table.
 
-Run as root: .venv/bin/python bench/runtime_bench.py [--runtimes process gvisor]
+The process runtime is the reference: each figure is also given as a ratio
+to the process runtime's, measured in the same run. A vm job's image is the
+whole guest (kernel, initramfs, the job), compressed with zstd.
+
+Run as root: .venv/bin/python bench/runtime_bench.py [--runtimes process gvisor vm]
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from checker.cli.client import CallerClient  # noqa: E402
 from conftest import ServerProcess, free_port  # noqa: E402
 
 WAIT_SECONDS = 120.0
+BOOT_WAIT_SECONDS = 600.0
+"""A vm job boots a guest under TCG first, and its checkpoints save the whole guest."""
 
 JOB_SOURCE = """
 import os, time
@@ -44,24 +50,30 @@ while True:
 """
 
 
-def wait_for(condition, what: str) -> dict:
-    """Poll `condition` until it returns a truthy value; raise TimeoutError naming `what` after WAIT_SECONDS."""
-    deadline = time.monotonic() + WAIT_SECONDS
+def wait_for(condition, what: str, seconds: float = WAIT_SECONDS) -> dict:
+    """Poll `condition` until it returns a truthy value; raise TimeoutError naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.05)
-    raise TimeoutError(f"timed out after {WAIT_SECONDS:.0f} s waiting for {what}")
+    raise TimeoutError(f"timed out after {seconds:.0f} s waiting for {what}")
 
 
 def measure(client: CallerClient, script: Path, runtime: str, size_mb: int, checkpoints: int, restores: int) -> dict:
     """Run the job under `runtime`; return its median dump, restore and image figures."""
-    options = {"mounts": [str(script.parent)]} if runtime == "gvisor" else {}
-    definition = client.create_definition(f"bench-{runtime}", [sys.executable, str(script)], runtime={"type": runtime, **options})
+    command = [sys.executable, str(script)]
+    options: dict = {}
+    if runtime == "gvisor":
+        options = {"mounts": [str(script.parent)]}
+    elif runtime == "vm":
+        command = ["python3", str(script)]  # the guest's Python
+        options = {"files": [str(script)]}
+    definition = client.create_definition(f"bench-{runtime}", command, runtime={"type": runtime, **options})
     job = client.spawn(definition["name"], params={"size_mb": size_mb, "checkpoints": checkpoints}, version=definition["version"])
     job_id = job["id"]
-    wait_for(lambda: (found := client.get_job(job_id))["checkpoint_count"] >= checkpoints and found, f"{checkpoints} checkpoints of the {runtime} job")
+    wait_for(lambda: (found := client.get_job(job_id))["checkpoint_count"] >= checkpoints and found, f"{checkpoints} checkpoints of the {runtime} job", BOOT_WAIT_SECONDS)
 
     for number in range(1, restores + 1):
         pid = client.get_job(job_id)["pid"]
@@ -81,7 +93,7 @@ def measure(client: CallerClient, script: Path, runtime: str, size_mb: int, chec
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runtimes", nargs="+", default=["process", "gvisor"], help="runtimes to measure (default: process gvisor)")
+    parser.add_argument("--runtimes", nargs="+", default=["process", "gvisor", "vm"], help="runtimes to measure (default: process gvisor vm); process is always measured first, as the reference")
     parser.add_argument("--size-mb", type=int, default=50, help="memory the job fills with random data, in MiB (default 50)")
     parser.add_argument("--checkpoints", type=int, default=5, help="checkpoints per runtime (default 5)")
     parser.add_argument(
@@ -97,15 +109,20 @@ def main() -> int:
         server.start()
         try:
             with CallerClient(server.url) as client:
-                rows = [measure(client, script, runtime, arguments.size_mb, arguments.checkpoints, arguments.restores) for runtime in arguments.runtimes]
+                runtimes = ["process", *(runtime for runtime in arguments.runtimes if runtime != "process")]
+                rows = [measure(client, script, runtime, arguments.size_mb, arguments.checkpoints, arguments.restores) for runtime in runtimes]
         finally:
             server.stop()
 
     print(f"job: {arguments.size_mb} MiB of random data, {arguments.checkpoints} checkpoints, {arguments.restores} restores per runtime (medians)\n")
-    print("| runtime | checkpoint (dump) s | restore s | image MB |")
-    print("|---|---|---|---|")
+    reference = rows[0]
+    print(f"| runtime | checkpoint (dump) s | × {reference['runtime']} | restore s | × {reference['runtime']} | image MB |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['runtime']} | {row['dump']:.3f} | {row['restore']:.3f} | {row['image_mb']:.0f} |")
+        print(
+            f"| {row['runtime']} | {row['dump']:.3f} | {row['dump'] / reference['dump']:.2f} "
+            f"| {row['restore']:.3f} | {row['restore'] / reference['restore']:.2f} | {row['image_mb']:.0f} |"
+        )
     return 0
 
 

@@ -10,6 +10,10 @@ scripts/install-runsc.sh
 # root file system (and import it into podman) on first use.
 scripts/install-runc.sh --debootstrap
 scripts/install-podman.sh
+# The vm runtime's tests boot QEMU microVMs from a guest image built from Debian
+# packages, sharing the container tests' root file system.
+scripts/install-qemu.sh
+CHECKER_ROOTFS="${CHECKER_TEST_ROOTFS:-/var/cache/checker-tests/rootfs-bookworm}" scripts/build-vm-image.sh
 # The state store's PostgreSQL tests run a throwaway cluster from Debian's package.
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt-get update -qq

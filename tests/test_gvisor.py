@@ -162,3 +162,23 @@ def test_gvisor_server_and_job_sigkill_restores(client, server, job_script) -> N
     assert result["state"] == "completed", result
     assert result["output"]["restored"] is True
     assert result["output"]["secret"] == printed_secret(server, job["id"])
+
+
+def test_gvisor_fork_runs_beside_original(client, server, job_script) -> None:
+    original = spawn_gvisor(client, job_script("signalled", SIGNALLED_JOB))
+    wait_for_checkpoints(client, original["id"], 1)
+
+    fork = client.fork(original["id"], 1)
+    wait_until(lambda: client.get_job(fork["id"])["restore_count"] >= 1, 60, "the fork's restore")
+    client.send_signal(fork["id"], "go")
+    fork_result = client.result(fork["id"], wait=60)
+    client.send_signal(original["id"], "go")
+    original_result = client.result(original["id"], wait=60)
+
+    assert fork_result["state"] == "completed", fork_result
+    assert original_result["state"] == "completed", original_result
+    assert fork_result["output"]["secret"] == original_result["output"]["secret"] == printed_secret(server, original["id"])
+    assert fork_result["output"]["restored"] is True
+    assert original_result["output"]["restored"] is False
+    assert fork_result["output"]["second"] == 2 and original_result["output"]["second"] == 2
+    assert fork["id"] != original["id"]
