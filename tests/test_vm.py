@@ -187,3 +187,38 @@ def test_machine_definition_errors(tmp_path: Path, contents, message) -> None:
         path.write_text(contents)
     with pytest.raises(ValueError, match=message):
         Machine.read(path)
+
+
+def test_vm_server_sigkill_readopts_job(client, server, job_script) -> None:
+    job = spawn_vm(client, job_script("signalled", SIGNALLED_JOB))
+    running = wait_for_checkpoints(client, job["id"], 1, timeout=BOOT_SECONDS)
+
+    server.sigkill()
+    server.start()
+    wait_until(lambda: "adopted" in event_kinds(client, job["id"]), 60, "the new server to re-adopt the job")
+
+    client.send_signal(job["id"], "go")
+    result = client.result(job["id"], wait=120)
+    assert result["state"] == "completed", result
+    assert result["output"]["restored"] is False
+    assert result["output"]["secret"] == printed_secret(server, job["id"])
+    assert client.get_job(job["id"])["restore_count"] == 0
+    assert running["pid"] is not None
+
+
+def test_vm_fork_runs_beside_original(client, server, job_script) -> None:
+    original = spawn_vm(client, job_script("signalled", SIGNALLED_JOB))
+    wait_for_checkpoints(client, original["id"], 1, timeout=BOOT_SECONDS)
+
+    fork = client.fork(original["id"], 1)
+    wait_until(lambda: client.get_job(fork["id"])["restore_count"] >= 1, 120, "the fork's restore")
+    client.send_signal(fork["id"], "go")
+    fork_result = client.result(fork["id"], wait=120)
+    client.send_signal(original["id"], "go")
+    original_result = client.result(original["id"], wait=120)
+
+    assert fork_result["state"] == "completed", fork_result
+    assert original_result["state"] == "completed", original_result
+    assert fork_result["output"]["secret"] == original_result["output"]["secret"] == printed_secret(server, original["id"])
+    assert fork_result["output"]["restored"] is True
+    assert original_result["output"]["restored"] is False
