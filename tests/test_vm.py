@@ -12,7 +12,7 @@ import pytest
 
 from conftest import event_kinds, wait_for_checkpoints, wait_for_state, wait_until
 from checker.cli.client import APIError
-from checker.runtimes.vm import DEFAULT_IMAGE_DIR, MACHINE_FORMAT, Machine, accelerator, find_qemu
+from checker.runtimes.vm import DEFAULT_IMAGE_DIR, MACHINE_FORMAT, Machine, accelerator, find_qemu, open_api_connections
 
 pytestmark = pytest.mark.skipif(
     find_qemu() is None or not (DEFAULT_IMAGE_DIR / "initramfs.cpio").exists(),
@@ -222,3 +222,19 @@ def test_vm_fork_runs_beside_original(client, server, job_script) -> None:
     assert fork_result["output"]["secret"] == original_result["output"]["secret"] == printed_secret(server, original["id"])
     assert fork_result["output"]["restored"] is True
     assert original_result["output"]["restored"] is False
+
+
+USERNET_TABLE = """Hub -1 (net):\r
+  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r
+  TCP[TIME_WAIT]     18       10.0.2.15 47900      10.0.2.100    80     0     0\r
+  TCP[FIN_WAIT_2]    19       10.0.2.15 47902      10.0.2.100    80     0     0\r
+  TCP[ESTABLISHED]   20       10.0.2.15 47912      10.0.2.100    80     0     0\r
+  TCP[FIN_WAIT_1]    21       10.0.2.15 47914      10.0.2.100    80     0     0\r
+  TCP[ESTABLISHED]   22       10.0.2.15 47916      10.0.2.2      22     0     0\r
+"""
+
+
+def test_open_api_connections_skips_closed_ones() -> None:
+    rows = open_api_connections(USERNET_TABLE)
+    assert [row.split()[3] for row in rows] == ["47912", "47914"]
+    assert open_api_connections(USERNET_TABLE.replace("ESTABLISHED]   20", "TIME_WAIT]     20").replace("FIN_WAIT_1", "TIME_WAIT")) == []

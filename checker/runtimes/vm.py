@@ -573,7 +573,7 @@ class VmRuntime(Runtime):
         for _ in range(STOP_ATTEMPTS):
             await qmp.execute("stop")
             table = await qmp.execute("human-monitor-command", {"command-line": "info usernet"})
-            if f" {API_ADDRESS} " not in str(table):
+            if not open_api_connections(str(table)):
                 return
             await qmp.execute("cont")
             await asyncio.sleep(POLL_SECONDS)
@@ -692,6 +692,17 @@ class VmRuntime(Runtime):
         vm = VmFiles.of(spec.files)
         for path in (vm.qmp_socket, vm.control_socket, vm.exit_port, vm.pid_file):
             path.unlink(missing_ok=True)
+
+
+def open_api_connections(table: str) -> list[str]:
+    """Return the rows of QEMU's `info usernet` table for API connections whose end the guest has not seen yet.
+
+    A connection in TIME_WAIT, FIN_WAIT_2 or the closing states is over for
+    the guest (it got the end or closed first); one in ESTABLISHED, SYN_RCVD
+    or FIN_WAIT_1 may still be waiting for data or for the end.
+    """
+    waiting = ("TCP[SYN_SENT]", "TCP[SYN_RCVD]", "TCP[ESTABLISHED]", "TCP[FIN_WAIT_1]")
+    return [row.strip() for row in table.splitlines() if row.strip().startswith(waiting) and f" {API_ADDRESS} " in row]
 
 
 def append_log(path: Path, line: str) -> None:
