@@ -10,14 +10,15 @@ scripts/install-runsc.sh
 # root file system (and import it into podman) on first use.
 scripts/install-runc.sh --debootstrap
 scripts/install-podman.sh
-# The vm runtime's tests boot QEMU microVMs from a guest image built from Debian
-# packages, sharing the container tests' root file system.
+# The vm runtime's tests boot QEMU microVMs.
 scripts/install-qemu.sh
-CHECKER_ROOTFS="${CHECKER_TEST_ROOTFS:-/var/cache/checker-tests/rootfs-bookworm}" scripts/build-vm-image.sh
 # The state store's PostgreSQL tests run a throwaway cluster from Debian's package.
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 scripts/setup-venv.sh
+# The guest image of the vm tests, built from Debian packages on the container
+# tests' root file system; rebuilt only when the guest's init changes.
+CHECKER_ROOTFS="${CHECKER_TEST_ROOTFS:-/var/cache/checker-tests/rootfs-bookworm}" scripts/build-vm-image.sh
 exec .venv/bin/python -m pytest "$@"
