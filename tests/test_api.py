@@ -54,7 +54,7 @@ def definition_body(**overrides) -> dict:
         (definition_body(name="bad name!"), "name"),
         (definition_body(runtime={"type": "process", "command": []}), "runtime.command"),
         (definition_body(runtime={"type": "process", "command": ["ok", ""]}), "runtime.command"),
-        (definition_body(runtime={"type": "vm", "command": ["x"]}), "runtime.type"),
+        (definition_body(runtime={"type": "firecracker", "command": ["x"]}), "runtime.type"),
         (definition_body(runtime={"type": "process", "command": ["x"], "env": {"CHECKER_TOKEN": "x"}}), "reserved"),
         (definition_body(runtime={"type": "process", "command": ["x"], "env": {"1BAD": "x"}}), "1BAD"),
         (definition_body(surprise=True), "surprise"),

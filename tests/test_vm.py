@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,15 @@ SLEEPING_JOB = """
     print(f"secret {secret}", flush=True)
     result = checker.sleep(1)
     checker.exit({"secret": secret, "restored": result.restored})
+"""
+
+
+CLOCK_JOB = """
+    import time
+    import checker
+
+    first_time = time.time()
+    checker.exit({"first_time": first_time})
 """
 
 
@@ -109,6 +119,18 @@ def test_vm_restore_corrects_guest_clock(client, server, job_script) -> None:
     assert signalled_at - 1.0 <= guest_time <= finished_at + 1.0, (signalled_at, guest_time, finished_at)
 
 
+def test_vm_guest_clock_is_right_from_start(client, server, job_script) -> None:
+    job = spawn_vm(client, job_script("clock", CLOCK_JOB))
+    result = client.result(job["id"], wait=BOOT_SECONDS)
+
+    assert result["state"] == "completed", result
+    started = next(event for event in client.events(job["id"]) if event["kind"] == "started")
+    started_at = datetime.fromisoformat(started["created_at"].replace("Z", "+00:00")).timestamp()
+    # The guest init starts the job just before the server records the start.
+    # A clock set before the boot would be a whole boot (seconds) behind.
+    assert result["output"]["first_time"] >= started_at - 1.5, (result["output"]["first_time"], started_at)
+
+
 def test_vm_suspend_and_wake(client, server, job_script) -> None:
     job = spawn_vm(client, job_script("sleeping", SLEEPING_JOB))
     wait_for_state(client, job["id"], ("suspended",), timeout=BOOT_SECONDS)
@@ -125,6 +147,7 @@ def test_vm_suspend_and_wake(client, server, job_script) -> None:
     [
         ({"memory_mib": 64}, "memory_mib 64"),
         ({"vcpus": 0}, "vcpus 0"),
+        ({"memory_mib": 1 << 30}, "more than this machine's"),
         ({"files": ["/nonexistent/job.py"]}, "/nonexistent/job.py"),
         ({"kernel": "/nonexistent/vmlinuz"}, "/nonexistent/vmlinuz"),
     ],

@@ -467,7 +467,12 @@ def command_definitions_create(args: argparse.Namespace) -> int:
     if args.mount:
         runtime["mounts"] = args.mount
     if args.file:
-        runtime["files"] = args.file
+        # The guest gets each file at its absolute host path, so resolve relative ones here.
+        runtime["files"] = [os.path.abspath(path) for path in args.file]
+    for name in ("vcpus", "accelerator", "kernel", "initramfs"):
+        value = getattr(args, name)
+        if value is not None:
+            runtime[name] = os.path.abspath(value) if name in ("kernel", "initramfs") else value
     limits = {name: value for name, value in (("memory_mib", args.memory_mib), ("cpu_cores", args.cpu_cores), ("pids", args.pids)) if value is not None}
     with connect(args) as client:
         definition = client.create_definition(
@@ -601,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     definitions_create.add_argument(
         "--file", action="append", default=[], metavar="HOST_PATH", help="vm only: a host file or directory copied into the guest at the same path; repeat for several."
     )
+    definitions_create.add_argument("--vcpus", type=int, help="vm only: the guest's virtual CPUs (default 1).")
+    definitions_create.add_argument("--accelerator", choices=["auto", "kvm", "tcg"], help="vm only: KVM or TCG; auto (the default) uses KVM when it can run the guest.")
+    definitions_create.add_argument("--kernel", metavar="PATH", help="vm only: the guest kernel (default /opt/checker/vm/vmlinuz).")
+    definitions_create.add_argument("--initramfs", metavar="PATH", help="vm only: the guest's initramfs (default /opt/checker/vm/initramfs.cpio).")
     definitions_create.add_argument("--memory-mib", type=int, help="Memory limit (RAM and swap) of each job, in MiB; for vm jobs, the guest's RAM.")
     definitions_create.add_argument("--cpu-cores", type=float, help="CPU quota of each job, in cores (e.g. 0.5).")
     definitions_create.add_argument("--pids", type=int, help="Maximum number of processes and threads of each job.")

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -303,6 +304,9 @@ class VmRuntime(Runtime):
         memory = config.get("memory_mib", DEFAULT_MEMORY_MIB)
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < MIN_MEMORY_MIB:
             raise ValueError(f"runtime.memory_mib {memory!r} is invalid: give the guest's RAM as a whole number of MiB, at least {MIN_MEMORY_MIB}")
+        available = physical_memory_mib()
+        if available is not None and memory > available:
+            raise ValueError(f"runtime.memory_mib {memory} is more than this machine's {available} MiB of RAM; give a smaller guest")
         vcpus = config.get("vcpus", 1)
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= 64:
             raise ValueError(f"runtime.vcpus {vcpus!r} is invalid: give a whole number from 1 to 64")
@@ -329,6 +333,9 @@ class VmRuntime(Runtime):
             raise ValueError(f"cpu_cores {limits.cpu_cores} cannot be a vm job's vCPU count; give a whole number of at least 1")
         if limits.memory_mib is not None and limits.memory_mib < MIN_MEMORY_MIB:
             raise ValueError(f"memory_mib {limits.memory_mib} is below the vm runtime's minimum guest RAM of {MIN_MEMORY_MIB} MiB")
+        available = physical_memory_mib()
+        if limits.memory_mib is not None and available is not None and limits.memory_mib > available:
+            raise ValueError(f"memory_mib {limits.memory_mib} is more than this machine's {available} MiB of RAM; give a smaller guest")
 
     def _files_of(self, config: dict) -> list[Path]:
         """Return the definition's `files`, checked: absolute host paths that exist, at most MAX_FILES_BYTES in all."""
@@ -448,20 +455,32 @@ class VmRuntime(Runtime):
 
     # Guest control port
 
-    async def _talk_to_guest(self, vm: VmFiles, message: dict, payload: bytes, timeout: float) -> dict:
-        """Send one request to the guest init and return its reply."""
+    async def _talk_to_guest(self, vm: VmFiles, message: Callable[[], dict], payload: bytes, timeout: float, wait_for_ready: bool = False) -> dict:
+        """Send one request to the guest init and return its reply.
+
+        `message` is a function that returns the request, called when it is
+        sent: with `wait_for_ready`, only after the guest init said it booted.
+        """
         reader, writer = await asyncio.open_unix_connection(str(vm.control_socket), limit=1 << 20)
         try:
-            writer.write(json.dumps(message).encode() + b"\n" + payload)
+            if wait_for_ready:
+                await self._read_reply(reader, timeout, expected="ready")
+            writer.write(json.dumps(message()).encode() + b"\n" + payload)
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), timeout)
+            return await self._read_reply(reader, timeout)
         finally:
             writer.close()
+
+    @staticmethod
+    async def _read_reply(reader: asyncio.StreamReader, timeout: float, expected: str | None = None) -> dict:
+        line = await asyncio.wait_for(reader.readline(), timeout)
         if not line:
             raise ConnectionError("the guest closed its control port")
         reply = json.loads(line)
         if reply.get("kind") == "error":
             raise RuntimeError(f"the guest init reported: {reply.get('message')}")
+        if expected is not None and reply.get("kind") != expected:
+            raise RuntimeError(f"the guest init sent {reply.get('kind')!r} where {expected!r} was expected")
         return reply
 
     def _host_state(self, files: JobFiles) -> dict:
@@ -499,7 +518,7 @@ class VmRuntime(Runtime):
         """Set the guest's clock, identity and entropy after a restore or a resume."""
         started = time.time()
         try:
-            reply = await self._talk_to_guest(vm, {"kind": "restored", **self._host_state(files)}, b"", GUEST_REPLY_SECONDS)
+            reply = await self._talk_to_guest(vm, lambda: {"kind": "restored", **self._host_state(files)}, b"", GUEST_REPLY_SECONDS)
         except (OSError, ValueError, RuntimeError, TimeoutError) as error:
             logger.warning("%s: could not correct the guest's clock and identity: %s", context, error)
             return
@@ -519,10 +538,13 @@ class VmRuntime(Runtime):
             raise CheckerError(ErrorCode.START_FAILED, f"{context} failed: cannot pack runtime.files: {error}") from error
         process = self._launch(spec, machine, vm, [], ErrorCode.START_FAILED, context)
 
-        request = {"kind": "launch", "command": spec.command, "env": self._guest_environment(spec), "archive_bytes": len(archive), **self._host_state(spec.files)}
+        def request() -> dict:
+            return {"kind": "launch", "command": spec.command, "env": self._guest_environment(spec), "archive_bytes": len(archive), **self._host_state(spec.files)}
+
         try:
             await self._wait_until(lambda: socket_exists(vm.control_socket), process, vm, 10.0, "the control socket", ErrorCode.START_FAILED, context)
-            reply = await asyncio.wait_for(self._talk_to_guest(vm, request, archive, BOOT_TIMEOUT_SECONDS), BOOT_TIMEOUT_SECONDS + 5)
+            talk = self._talk_to_guest(vm, request, archive, BOOT_TIMEOUT_SECONDS, wait_for_ready=True)
+            reply = await asyncio.wait_for(talk, BOOT_TIMEOUT_SECONDS + 5)
         except CheckerError:
             procfs.kill_if_alive(process)
             raise
@@ -692,6 +714,13 @@ class VmRuntime(Runtime):
         vm = VmFiles.of(spec.files)
         for path in (vm.qmp_socket, vm.control_socket, vm.exit_port, vm.pid_file):
             path.unlink(missing_ok=True)
+
+
+def physical_memory_mib() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (OSError, ValueError):
+        return None
 
 
 def open_api_connections(table: str) -> list[str]:

@@ -10,8 +10,8 @@ to the host through three virtio-serial ports:
     checker.exit      the job's exit status, written once, as JSON
 
 Boot: mount the kernel file systems, load the virtio modules listed in
-MODULE_ORDER, give eth0 its user-networking address, then wait on the control
-port for the host's `launch` request: the job's command, environment,
+MODULE_ORDER, give eth0 its user-networking address, send `ready` on the
+control port and wait there for the host's `launch` request: the job's command, environment,
 identity, the wall-clock time and a tar archive of files (the SDK and the
 definition's files). The init unpacks the files, starts the job and replies
 `started`.
@@ -304,6 +304,9 @@ def main():
 
     ports = find_ports(("checker.control", "checker.stdout", "checker.stderr", "checker.exit"))
     control = ControlPort(ports["checker.control"])
+    # The host sends the launch request, with the time, only once the guest
+    # has booted; a boot under TCG takes seconds.
+    control.send({"kind": "ready"})
     request = control.read_message()
     if request.get("kind") != "launch":
         raise RuntimeError("expected a launch request, got %r" % request.get("kind"))
