@@ -10,7 +10,7 @@ Layout of a running job, as seen from the host::
 The host side of the job's files, in `JOB_DIR/vm/`:
 
     qmp.sock           QMP, through which the runtime stops, saves, continues and quits the VM
-    control.sock       the guest init's control port (launch, clock and identity after a restore)
+    control.sock       the guest init's control port: launch the job, freeze it, thaw it with the time and identity
     exit-status.port   what the guest init writes to its exit port when the job ends
     console.log        the guest's serial console (kernel messages, init errors)
     qemu.log           QEMU's own output
@@ -24,14 +24,17 @@ to the job's own unix socket (`api.sock`). So the job reaches the server and
 nothing else, and the server closes that socket while it checkpoints, as for
 the gvisor runtime.
 
-A checkpoint stops the VM (QMP `stop`) and migrates it to a command that
-compresses the stream with zstd into `memory.zst` of the image, beside
-`machine.json`. The guest's writable files (its work directory included) live
-in guest RAM, so the snapshot holds them; nothing on a disk can change between
-a checkpoint and a restore. A restore starts QEMU with the same machine
-definition and `-incoming`, waits until the stream is loaded, continues the
-VM, and then sends the guest the current time, its identity and fresh
-entropy: the guest clock stood still from the checkpoint to the restore.
+A checkpoint asks the guest init to stop every process of the job (SIGSTOP),
+stops the VM (QMP `stop`) and migrates it to a command that compresses the
+stream with zstd into `memory.zst` of the image, beside `machine.json`. The
+guest's writable files (its work directory included) live in guest RAM, so
+the snapshot holds them; nothing on a disk can change between a checkpoint
+and a restore. A restore starts QEMU with the same machine definition and
+`-incoming`, waits until the stream is loaded and continues the VM. Each
+time the VM continues, the runtime sends the guest init the current time,
+the job's identity and fresh entropy, and only then does the init let the
+job continue: the guest clock stood still while the snapshot waited, and a
+fork has another identity than its source.
 
 QEMU uses KVM when /dev/kvm can run a stock guest kernel, else TCG, QEMU's
 software emulation (slower guest code, same behaviour). `accelerator()`
@@ -514,16 +517,22 @@ class VmRuntime(Runtime):
         env.pop("CHECKER_TOKEN", None)  # The identity file carries the token, and a restore replaces it.
         return env
 
-    async def _sync_guest(self, vm: VmFiles, files: JobFiles, context: str) -> None:
-        """Set the guest's clock, identity and entropy after a restore or a resume."""
+    async def _freeze_job(self, vm: VmFiles, context: str) -> None:
+        """Stop every process of the job in the guest, so that the snapshot holds a job that waits for `_thaw_job`."""
+        try:
+            await self._talk_to_guest(vm, lambda: {"kind": "freeze"}, b"", GUEST_REPLY_SECONDS)
+        except (OSError, ValueError, RuntimeError, TimeoutError) as error:
+            raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: the guest init did not stop the job: {error or type(error).__name__}") from error
+
+    async def _thaw_job(self, vm: VmFiles, files: JobFiles, context: str) -> None:
+        """Set the guest's clock, identity and entropy, then let the job continue; raise OSError when the guest does not answer."""
         started = time.time()
         try:
-            reply = await self._talk_to_guest(vm, lambda: {"kind": "restored", **self._host_state(files)}, b"", GUEST_REPLY_SECONDS)
-        except (OSError, ValueError, RuntimeError, TimeoutError) as error:
-            logger.warning("%s: could not correct the guest's clock and identity: %s", context, error)
-            return
+            reply = await self._talk_to_guest(vm, lambda: {"kind": "thaw", **self._host_state(files)}, b"", GUEST_REPLY_SECONDS)
+        except (ValueError, RuntimeError, TimeoutError) as error:
+            raise OSError(f"the guest init did not set the clock and continue the job: {error or type(error).__name__}") from error
         skew = reply["time_ns"] / 1e9 - started
-        logger.info("%s: guest clock set; it now differs from the host's by %.3f s", context, skew)
+        logger.info("%s: guest clock set and job continued; the guest's clock differs from the host's by %.3f s", context, skew)
 
     # The Runtime interface
 
@@ -564,24 +573,31 @@ class VmRuntime(Runtime):
             qmp = await Qmp.connect(vm.qmp_socket)
         except (OSError, ValueError, RuntimeError, TimeoutError) as error:
             raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: cannot reach QEMU: {error}") from error
+        saved = False
         try:
+            await self._freeze_job(vm, context)
             await self._stop_without_connections(qmp, context)
-            try:
-                await self._save(qmp, memory, log_path, process, vm, context)
-            except BaseException:
-                await qmp.execute("cont")
-                raise
+            await self._save(qmp, memory, log_path, process, vm, context)
             machine.write(image_dir / MACHINE_NAME)
-            if leave_running:
-                await qmp.execute("cont")
-            else:
-                await qmp.execute("quit")
+            saved = True
         except (OSError, RuntimeError, TimeoutError) as error:
             raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: {error}") from error
         finally:
+            if saved and not leave_running:
+                # Not QMP `quit`: QEMU may reset the connection before it answers.
+                procfs.kill_if_alive(process)
+            else:
+                await self._continue(qmp, vm, spec.files, process, context)
             await qmp.close()
-        if leave_running:
-            await self._sync_guest(vm, spec.files, context)
+
+    async def _continue(self, qmp: Qmp, vm: VmFiles, files: JobFiles, process: ProcessIdentity, context: str) -> None:
+        """Continue the VM and thaw the job; kill the VM when the guest does not answer, so the runner restores it."""
+        try:
+            await qmp.execute("cont")
+            await self._thaw_job(vm, files, context)
+        except (OSError, RuntimeError, TimeoutError) as error:
+            logger.error("%s: %s; killing the VM so that the job is restored from its last checkpoint", context, error)
+            procfs.kill_if_alive(process)
 
     async def _stop_without_connections(self, qmp: Qmp, context: str) -> None:
         """Stop the VM at a moment when the guest has no connection to the server open.
@@ -675,15 +691,18 @@ class VmRuntime(Runtime):
             return
         files = JobFiles.under(vm.directory.parent)
         context = f"resume of job in {files.job_dir}"
-        qmp = await Qmp.connect(vm.qmp_socket)
         try:
-            status = (await qmp.execute("query-status")).get("status")
-            if status == "running":
-                return  # A re-adopted job that was never stopped.
-            await qmp.execute("cont")
+            qmp = await Qmp.connect(vm.qmp_socket)
+        except (OSError, ValueError, TimeoutError) as error:
+            logger.error("%s: cannot reach QEMU: %s; killing the VM so that the job is restored from its last checkpoint", context, error)
+            procfs.kill_if_alive(process)
+            return
+        # Also a re-adopted VM gets `cont` and a thaw: a server that died
+        # during a checkpoint may have left it stopped, or its job frozen.
+        try:
+            await self._continue(qmp, vm, files, process, context)
         finally:
             await qmp.close()
-        await self._sync_guest(vm, files, context)
 
     async def discard_interrupted_restore(self, spec: LaunchSpec, keep: ProcessIdentity | None) -> int | None:
         vm = VmFiles.of(spec.files)

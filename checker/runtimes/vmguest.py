@@ -16,11 +16,14 @@ identity, the wall-clock time and a tar archive of files (the SDK and the
 definition's files). The init unpacks the files, starts the job and replies
 `started`.
 
-After a restore the host sends `restored` with the current time, a new
-identity and fresh entropy: the guest clock stood still while the VM was
-saved, and a restored guest would otherwise reuse the random state it had at
-the checkpoint. The init sets the clock, replaces the identity file, mixes the
-entropy into the kernel's pool and replies with the guest's new time.
+Before each snapshot the host sends `freeze`, and the init stops every
+process of the job. After the snapshot, and after each restore, the host sends
+`thaw` with the current time, the job's identity and fresh entropy: the guest
+clock stood still while the snapshot waited, a fork has a new identity, and a
+restored guest would otherwise reuse the random state it had at the
+checkpoint. The init sets the clock, replaces the identity file, mixes the
+entropy into the kernel's pool, lets the job continue and replies with the
+guest's new time.
 
 When the job exits, the init writes its status to `checker.exit` and
 powers the VM off; QEMU runs with `-no-reboot`, so it exits too.
@@ -51,10 +54,9 @@ GUEST_ADDRESS = "10.0.2.15"
 GUEST_NETMASK = "255.255.255.0"
 PORT_WAIT_SECONDS = 30.0
 HOST_POLL_SECONDS = 0.05
-"""How often to look for the host while nobody is connected to the control port."""
+"""How often to look for the host while no host process is connected to the control port."""
 
 SYS_FINIT_MODULE = 313
-RB_POWER_OFF = 0x4321FEDC
 RB_AUTOBOOT = 0x01234567
 SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
@@ -244,14 +246,30 @@ def start_job(request, ports):
     return pid
 
 
+def signal_job(signal_number):
+    """Send a signal to every process of the guest but this init: the job and anything it started."""
+    try:
+        os.kill(-1, signal_number)
+    except ProcessLookupError:
+        pass  # The job has exited.
+
+
 def serve_control(control):
-    """Answer the host's requests for as long as the VM runs."""
+    """Serve the host's requests for as long as the VM runs.
+
+    `freeze` stops every process of the job before a snapshot. `thaw` sets
+    the clock, identity and entropy and then lets the job continue, so the
+    job never reads the stale clock or identity of a restored snapshot.
+    """
     while True:
         request = control.read_message()
         kind = request.get("kind")
         try:
-            if kind in ("restored", "resumed"):
+            if kind == "freeze":
+                signal_job(signal.SIGSTOP)
+            elif kind == "thaw":
                 apply_host_state(request)
+                signal_job(signal.SIGCONT)
             else:
                 raise ValueError("unknown request %r" % kind)
         except (OSError, ValueError, KeyError) as error:
