@@ -622,7 +622,7 @@ class VmRuntime(Runtime):
         partial = memory.with_name(memory.name + ".partial")
         partial.unlink(missing_ok=True)
         memory.unlink(missing_ok=True)
-        compress = f"zstd -q -1 -T2 > {shlex.quote(str(partial))} && mv {shlex.quote(str(partial))} {shlex.quote(str(memory))}"
+        compress = f"zstd -q --fast=1 -T2 > {shlex.quote(str(partial))} && mv {shlex.quote(str(partial))} {shlex.quote(str(memory))}"
         started = time.monotonic()
         # QEMU 7.2 limits migration to 32 MiB/s unless told otherwise.
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
