@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from checker.cli.client import CallerClient
@@ -15,7 +17,7 @@ from checker.runtimes.base import JobFiles, LaunchSpec
 from checker.runtimes.criu import find_criu
 from checker.runtimes.process import ProcessRuntime
 
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, wait_until
 
 COUNTER_JOB = """
 import os, sys, time
@@ -282,3 +284,45 @@ def test_cli_creates_sandbox_definition_with_limits(server, tmp_path: Path) -> N
     assert rejected.returncode != 0
     assert "memory_mib" in rejected.stderr
     assert "Traceback" not in rejected.stderr
+
+
+REWOUND_JOB = """
+    import os, time
+    import checker
+
+    gate = checker.params()["gate"]
+    print("before", flush=True)
+    result = checker.checkpoint()
+    for index in range(3):
+        print(f"after {index} restored={result.restored}", flush=True)
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+    print("done", flush=True)
+"""
+
+
+def test_logs_follow_restarts_at_the_rewound_output(server, client, job_script, tmp_path) -> None:
+    gate = tmp_path / "gate"
+    definition = client.create_definition("rewound", [sys.executable, str(job_script("rewound", REWOUND_JOB))])
+    job = client.spawn(definition["name"], params={"gate": str(gate)}, version=definition["version"])
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "checker", "logs", job["id"], "--follow", "--server", server.url], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in follower.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: "after 2 restored=False" in lines, 60, "the follower to print the first run's output")
+        os.kill(client.get_job(job["id"])["pid"], signal.SIGKILL)
+        wait_until(lambda: "after 2 restored=True" in lines, 60, "the follower to print the restored copy's output")
+        gate.touch()
+        follower.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        follower.kill()
+
+    first = [f"after {index} restored=False" for index in range(3)]
+    second = [f"after {index} restored=True" for index in range(3)]
+    assert lines == ["before", *first, *second, "done"]
+    stdout = (server.state_dir / "jobs" / job["id"] / "stdout.log").read_text()
+    assert stdout.splitlines() == ["before", *second, "done"]

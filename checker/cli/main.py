@@ -263,6 +263,24 @@ def follow_job(client: CallerClient, job_id: str, quiet: bool = False, poll_seco
         time.sleep(poll_seconds)
 
 
+def rewind_offsets(offsets: dict[str, int], event: dict) -> None:
+    """Move the read offsets of the logs back where a restore cut them.
+
+    The server cuts the logs back to their size at the checkpoint before it
+    restores the job, and records `output_rewound` first; the restored copy
+    writes its output from there.
+    """
+    if event["kind"] == "output_rewound":
+        sizes = {event["data"].get("stream"): event["data"].get("size")}
+    elif event["kind"] == "restored":
+        sizes = event["data"].get("log_sizes", {})
+    else:
+        return
+    for stream, size in sizes.items():
+        if stream in offsets and isinstance(size, int):
+            offsets[stream] = min(offsets[stream], size)
+
+
 class JobFollower:
     """Copies a job's new output and progress events to this terminal."""
 
@@ -283,12 +301,7 @@ class JobFollower:
     def _print_events(self) -> None:
         for event in self.client.events(self.job_id, after=self.last_event):
             self.last_event = event["seq"]
-            if event["kind"] == "restored":
-                # The server cut the logs back to their size at the checkpoint;
-                # the restored copy writes its output from there.
-                for stream, size in event["data"].get("log_sizes", {}).items():
-                    if stream in self.offsets:
-                        self.offsets[stream] = min(self.offsets[stream], size)
+            rewind_offsets(self.offsets, event)
             if not self.quiet and event["kind"] in PROGRESS_EVENTS:
                 print(f"checker: {event['message']}", file=sys.stderr)
 
@@ -427,13 +440,18 @@ def command_jobs_resume(args: argparse.Namespace) -> int:
 
 def command_logs(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        offset = 0
+        offsets = {args.stream: 0}
+        last_event = 0
         while True:
-            chunk = client.logs(args.job, args.stream, offset)
+            if args.follow:
+                for event in client.events(args.job, after=last_event):
+                    last_event = event["seq"]
+                    rewind_offsets(offsets, event)
+            chunk = client.logs(args.job, args.stream, offsets[args.stream])
             if chunk["data"]:
                 sys.stdout.write(chunk["data"])
                 sys.stdout.flush()
-                offset = chunk["next_offset"]
+                offsets[args.stream] = chunk["next_offset"]
                 continue
             if not args.follow or chunk["finished"]:
                 return 0

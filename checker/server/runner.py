@@ -875,7 +875,7 @@ class JobRunner:
         with open(path, "rb") as source, open(target, "wb") as copy:
             source.seek(size)
             copy.write(source.read())
-        self._event("output_rewound", f"job {self.job_id}: {name} written after the checkpoint moved to {target}", stream=name, path=str(target))
+        self._event("output_rewound", f"job {self.job_id}: {name} written after the checkpoint moved to {target}", stream=name, path=str(target), size=size)
 
     # Kill and finish
 
