@@ -652,6 +652,12 @@ class VmRuntime(Runtime):
             raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: {memory} is missing")
         if machine.accelerator == "kvm" and accelerator()[0] != "kvm":
             raise CheckerError(ErrorCode.RESTORE_FAILED, f"{context} failed: the snapshot was taken under KVM, which this machine cannot run; restore it on a machine with KVM")
+        wanted = self.machine_for(spec.config, spec.limits)
+        if (wanted.memory_mib, wanted.vcpus) != (machine.memory_mib, machine.vcpus):
+            logger.warning(
+                "%s: the snapshot's guest has %d MiB and %d vCPUs; a snapshot restores only into the same machine, so the job's limits of %d MiB and %d vCPUs do not apply",
+                context, machine.memory_mib, machine.vcpus, wanted.memory_mib, wanted.vcpus,
+            )
         spec.files.exit_status_path.unlink(missing_ok=True)
         vm = VmFiles.of(spec.files)
         process = self._launch(spec, machine, vm, ["-S", "-incoming", f"exec:zstd -q -dc {shlex.quote(str(memory))}"], ErrorCode.RESTORE_FAILED, context)
