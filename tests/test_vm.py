@@ -169,7 +169,8 @@ def test_vm_limits_it_cannot_enforce_are_rejected(client, server, job_script) ->
 def test_vm_fields_on_other_runtimes_are_rejected(client, server) -> None:
     with pytest.raises(APIError) as raised:
         client.create_definition("invalid", ["python3", "-c", "pass"], runtime={"type": "process", "vcpus": 2})
-    assert "vcpus applies to the vm runtime only" in str(raised.value)
+    assert "runtime: vcpus applies to the vm runtime only, not to 'process'" in str(raised.value)
+    assert "Value error" not in str(raised.value)
 
 
 @pytest.mark.skipif(accelerator()[0] == "kvm", reason="this machine can run KVM guests")

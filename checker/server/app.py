@@ -144,7 +144,10 @@ def describe_validation_error(error: RequestValidationError) -> str:
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
-        problem = f"{location}: {item.get('msg', 'invalid')}"
+        message = str(item.get("msg", "invalid"))
+        # pydantic prefixes the messages of ValueErrors raised by validators.
+        message = message.removeprefix("Value error, ")
+        problem = f"{location}: {message}"
         if item.get("type") in ("string_pattern_mismatch", "greater_than_equal", "less_than_equal", "greater_than", "less_than", "int_type"):
             problem += f" (got {item.get('input')!r})"
         problems.append(problem)
