@@ -45,7 +45,7 @@ from typing import Any, Callable
 from checker.cli.client import APIError, CallerClient
 from checker.runtimes.process import DUMP_OPTIONS, launch_command, restore_options
 from checker.runtimes.procfs import become_child_subreaper, list_children
-from checker.server.runner import INHERITED_ENV
+from checker.runtimes.base import INHERITED_ENV
 from checker.store.checkpoints import fsync_path, hash_file
 
 logger = logging.getLogger("checkpoint_bench")

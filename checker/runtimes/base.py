@@ -12,6 +12,10 @@ from checker.runtimes.cgroups import Limits
 from checker.runtimes.procfs import ProcessIdentity
 
 
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+"""Variables the server copies from its own environment into every job's; anything else, such as its credentials, stays out."""
+
+
 @dataclass(frozen=True)
 class JobFiles:
     """Paths of one job's files, on the host or as the job sees them inside its mount namespace."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from checker.config import Settings
 from checker.errors import CheckerError, CorruptCheckpointError, CorruptRestoreCacheError, CriuError, ErrorCode
-from checker.runtimes.base import JobFiles, LaunchSpec, Runtime, write_identity
+from checker.runtimes.base import INHERITED_ENV, JobFiles, LaunchSpec, Runtime, write_identity
 from checker.runtimes.cgroups import Limits
 from checker.runtimes.procfs import ProcessIdentity
 from checker.server.commands import (
@@ -52,10 +52,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_LOG_PREFIX = "job-"
 """Prefix of the copies of the job's logs in an image (`job-stdout.log`, `job-stderr.log`) when the store keeps them."""
-
-# Variables passed from the server's environment to every job. Anything else
-# (credentials of the server, for one) stays out of the job's environment.
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
 DRAIN_WAKE_AT = 0.0
 """Wake time of a job suspended by a drain: past, so the next server restores it at once."""
@@ -347,9 +343,10 @@ class JobRunner:
 
         now = time.time()
         restarted = self.job.started_at is not None
+        details, summary = self._launch_details()
         self.job = self.context.state.update_job(
             self.job_id,
-            event=("started", f"job {self.job_id} {reason} as process {self.process.pid}{self._launch_summary()}", {"pid": self.process.pid, **self._launch_details()}),
+            event=("started", f"job {self.job_id} {reason} as process {self.process.pid}{summary}", {"pid": self.process.pid, **details}),
             state=JobState.RUNNING,
             pid=self.process.pid,
             pid_start_time=self.process.start_time,
@@ -360,14 +357,11 @@ class JobRunner:
         self._watch()
         self._schedule_timeout()
 
-    def _launch_details(self) -> dict[str, Any]:
-        """Facts the runtime reports about how this job runs here, such as a VM's accelerator."""
-        details = self.runtime.launch_details(self.job.runtime_config)
-        return {name: value for name, value in details.items() if name != "summary"}
-
-    def _launch_summary(self) -> str:
-        summary = self.runtime.launch_details(self.job.runtime_config).get("summary")
-        return f"; {summary}" if summary else ""
+    def _launch_details(self) -> tuple[dict[str, Any], str]:
+        """Return the facts the runtime reports about how this job runs here, such as a VM's accelerator, and their summary for event messages."""
+        details = dict(self.runtime.launch_details(self.job.runtime_config))
+        summary = details.pop("summary", None)
+        return details, f"; {summary}" if summary else ""
 
     async def _listen_for_job(self) -> None:
         """Serve the runtime API on the job's own socket, for runtimes whose jobs have no network."""
@@ -689,7 +683,8 @@ class JobRunner:
         seconds = time.monotonic() - started
 
         restore_number = self.job.restore_count + 1
-        message = f"job {self.job_id} restored from checkpoint {checkpoint.number} (restore {restore_number}) in {seconds:.3f} s because {reason}{self._launch_summary()}"
+        details, summary = self._launch_details()
+        message = f"job {self.job_id} restored from checkpoint {checkpoint.number} (restore {restore_number}) in {seconds:.3f} s because {reason}{summary}"
         self.job = self.context.state.update_job(
             self.job_id,
             event=(
@@ -703,7 +698,7 @@ class JobRunner:
                     "image_source": image.source,
                     "pid": self.process.pid,
                     "log_sizes": manifest.job_files,
-                    **self._launch_details(),
+                    **details,
                 },
             ),
             state=JobState.RUNNING,
