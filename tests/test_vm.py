@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import event_kinds, wait_for_checkpoints, wait_for_state, wait_until
+from conftest import event_kinds, printed_secret, wait_for_checkpoints, wait_for_state, wait_until
 from checker.cli.client import APIError
-from checker.runtimes.vm import DEFAULT_IMAGE_DIR, MACHINE_FORMAT, Machine, accelerator, find_qemu, open_api_connections
+from checker.runtimes.vm import DEFAULT_IMAGE_DIR, GUEST_PATH, MACHINE_FORMAT, Machine, accelerator, find_qemu, open_api_connections
 
 pytestmark = pytest.mark.skipif(
     find_qemu() is None or not (DEFAULT_IMAGE_DIR / "initramfs.cpio").exists(),
@@ -55,22 +55,17 @@ SLEEPING_JOB = """
 
 
 CLOCK_JOB = """
-    import time
+    import os, time
     import checker
 
     first_time = time.time()
-    checker.exit({"first_time": first_time})
+    checker.exit({"first_time": first_time, "env": {name: os.environ.get(name) for name in ("FROM_DEFINITION", "FROM_SPAWN", "PATH")}})
 """
 
 
 def spawn_vm(client, script: Path, **runtime) -> dict:
     definition = client.create_definition(script.stem, ["python3", str(script)], runtime={"type": "vm", "files": [str(script)], **runtime})
     return client.spawn(definition["name"], version=definition["version"])
-
-
-def printed_secret(server, job_id: str) -> str:
-    stdout = (server.state_dir / "jobs" / job_id / "stdout.log").read_text()
-    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("secret "))
 
 
 def test_vm_kill_qemu_restores_memory(client, server, job_script) -> None:
@@ -119,8 +114,12 @@ def test_vm_restore_corrects_guest_clock(client, server, job_script) -> None:
     assert signalled_at - 1.0 <= guest_time <= finished_at + 1.0, (signalled_at, guest_time, finished_at)
 
 
-def test_vm_guest_clock_is_right_from_start(client, server, job_script) -> None:
-    job = spawn_vm(client, job_script("clock", CLOCK_JOB))
+def test_vm_guest_clock_and_env_from_start(client, server, job_script) -> None:
+    script = job_script("clock", CLOCK_JOB)
+    definition = client.create_definition(
+        script.stem, ["python3", str(script)], env={"FROM_DEFINITION": "definition"}, runtime={"type": "vm", "files": [str(script)]}
+    )
+    job = client.spawn(definition["name"], env={"FROM_SPAWN": "spawn"}, version=definition["version"])
     result = client.result(job["id"], wait=BOOT_SECONDS)
 
     assert result["state"] == "completed", result
@@ -129,6 +128,9 @@ def test_vm_guest_clock_is_right_from_start(client, server, job_script) -> None:
     # The guest init starts the job just before the server records the start.
     # A clock set before the boot would be a whole boot (seconds) behind.
     assert result["output"]["first_time"] >= started_at - 1.5, (result["output"]["first_time"], started_at)
+    assert result["output"]["env"]["FROM_DEFINITION"] == "definition"
+    assert result["output"]["env"]["FROM_SPAWN"] == "spawn"
+    assert result["output"]["env"]["PATH"] == GUEST_PATH
 
 
 def test_vm_suspend_and_wake(client, server, job_script) -> None:

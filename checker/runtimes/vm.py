@@ -62,7 +62,7 @@ from pathlib import Path
 import checker
 from checker.errors import CheckerError, ErrorCode
 from checker.runtimes import procfs
-from checker.runtimes.base import ExitStatus, JobFiles, LaunchSpec, Runtime, read_exit_status
+from checker.runtimes.base import INHERITED_ENV, ExitStatus, JobFiles, LaunchSpec, Runtime, read_exit_status
 from checker.runtimes.cgroups import Limits
 from checker.runtimes.procfs import ProcessIdentity
 from checker.sdk.client import ENV_API_URL, ENV_IDENTITY_FILE
@@ -461,8 +461,8 @@ class VmRuntime(Runtime):
     async def _talk_to_guest(self, vm: VmFiles, message: Callable[[], dict], payload: bytes, timeout: float, wait_for_ready: bool = False) -> dict:
         """Send one request to the guest init and return its reply.
 
-        `message` is a function that returns the request, called when it is
-        sent: with `wait_for_ready`, only after the guest init said it booted.
+        `message` is a function that returns the request when it is sent. With
+        `wait_for_ready`, that is only after the guest init reports that it booted.
         """
         reader, writer = await asyncio.open_unix_connection(str(vm.control_socket), limit=1 << 20)
         try:
@@ -487,7 +487,7 @@ class VmRuntime(Runtime):
         return reply
 
     def _host_state(self, files: JobFiles) -> dict:
-        """The time, identity and entropy the guest gets at a launch and after each restore or resume."""
+        """Return the time, identity and entropy the guest gets at a launch and at each thaw."""
         try:
             identity = json.loads(files.identity_path.read_text())
         except (FileNotFoundError, ValueError):
@@ -506,26 +506,33 @@ class VmRuntime(Runtime):
         return buffer.getvalue()
 
     def _guest_environment(self, spec: LaunchSpec) -> dict[str, str]:
-        env = {name: value for name, value in spec.env.items() if name.startswith("CHECKER_") or name in spec.config.get("env", {})}
+        """Return the job's environment in the guest: the definition's and the spawn's variables, without the server host's own."""
+        env = {"PATH": GUEST_PATH, "HOME": "/root"}
+        for name, value in spec.env.items():
+            # Values the server copied from its own environment name host paths.
+            if name in INHERITED_ENV and os.environ.get(name) == value:
+                continue
+            env[name] = value
         env.update({
-            "PATH": GUEST_PATH,
-            "HOME": "/root",
             "PYTHONPATH": GUEST_SDK_DIR,
             ENV_API_URL: f"http://{API_ADDRESS}:{API_PORT}",
             ENV_IDENTITY_FILE: f"{GUEST_JOB_DIR}/identity.json",
         })
-        env.pop("CHECKER_TOKEN", None)  # The identity file carries the token, and a restore replaces it.
+        env.pop("CHECKER_TOKEN", None)  # The identity file contains the token, and a restore replaces it.
         return env
 
     async def _freeze_job(self, vm: VmFiles, context: str) -> None:
-        """Stop every process of the job in the guest, so that the snapshot holds a job that waits for `_thaw_job`."""
+        """Stop every process of the job in the guest, so that the snapshot contains a job that waits for `_thaw_job`."""
         try:
             await self._talk_to_guest(vm, lambda: {"kind": "freeze"}, b"", GUEST_REPLY_SECONDS)
         except (OSError, ValueError, RuntimeError, TimeoutError) as error:
             raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: the guest init did not stop the job: {error or type(error).__name__}") from error
 
     async def _thaw_job(self, vm: VmFiles, files: JobFiles, context: str) -> None:
-        """Set the guest's clock, identity and entropy, then let the job continue; raise OSError when the guest does not answer."""
+        """Set the guest's clock, identity and entropy, then let the job continue.
+
+        Raise OSError when the guest init sends no reply.
+        """
         started = time.time()
         try:
             reply = await self._talk_to_guest(vm, lambda: {"kind": "thaw", **self._host_state(files)}, b"", GUEST_REPLY_SECONDS)
@@ -584,14 +591,17 @@ class VmRuntime(Runtime):
             raise CheckerError(ErrorCode.CHECKPOINT_FAILED, f"{context} failed: {error}") from error
         finally:
             if saved and not leave_running:
-                # Not QMP `quit`: QEMU may reset the connection before it answers.
+                # Not QMP `quit`, because QEMU may reset the connection before its reply.
                 procfs.kill_if_alive(process)
             else:
                 await self._continue(qmp, vm, spec.files, process, context)
             await qmp.close()
 
     async def _continue(self, qmp: Qmp, vm: VmFiles, files: JobFiles, process: ProcessIdentity, context: str) -> None:
-        """Continue the VM and thaw the job; kill the VM when the guest does not answer, so the runner restores it."""
+        """Continue the VM and thaw the job.
+
+        When QEMU or the guest init sends no reply, kill the VM, so that the runner restores the job.
+        """
         try:
             await qmp.execute("cont")
             await self._thaw_job(vm, files, context)
@@ -605,8 +615,8 @@ class VmRuntime(Runtime):
         The server has closed the job's socket, so each connection ends within
         milliseconds, but its last packets reach the guest only while the VM
         runs. A snapshot taken before that would hold a connection that a
-        restored VM's user network no longer knows, and the job would wait
-        for its answer forever.
+        restored VM's user network has forgotten, and the job would wait
+        for a response forever.
         """
         for _ in range(STOP_ATTEMPTS):
             await qmp.execute("stop")
@@ -624,7 +634,7 @@ class VmRuntime(Runtime):
         memory.unlink(missing_ok=True)
         compress = f"zstd -q --fast=1 -T2 > {shlex.quote(str(partial))} && mv {shlex.quote(str(partial))} {shlex.quote(str(memory))}"
         started = time.monotonic()
-        # QEMU 7.2 limits migration to 32 MiB/s unless told otherwise.
+        # QEMU 7.2 limits migration to 32 MiB/s unless max-bandwidth is set.
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
         await qmp.execute("migrate", {"uri": f"exec:{compress}"})
 
@@ -752,8 +762,8 @@ def open_api_connections(table: str) -> list[str]:
     """Return the rows of QEMU's `info usernet` table for API connections whose end the guest has not seen yet.
 
     A connection in TIME_WAIT, FIN_WAIT_2 or the closing states is over for
-    the guest (it got the end or closed first); one in ESTABLISHED, SYN_RCVD
-    or FIN_WAIT_1 may still be waiting for data or for the end.
+    the guest, because it received the end or closed first. One in
+    ESTABLISHED, SYN_RCVD or FIN_WAIT_1 may still wait for data or for the end.
     """
     waiting = ("TCP[SYN_SENT]", "TCP[SYN_RCVD]", "TCP[ESTABLISHED]", "TCP[FIN_WAIT_1]")
     return [row.strip() for row in table.splitlines() if row.strip().startswith(waiting) and f" {API_ADDRESS} " in row]
