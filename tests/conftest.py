@@ -260,5 +260,11 @@ def chunk_path(state_dir: Path, job_id: str, digest: str) -> Path:
     return compressed if compressed.exists() else chunks / digest
 
 
+def printed_secret(server: ServerProcess, job_id: str) -> str:
+    """Return the secret a test job printed as its "secret VALUE" line in stdout."""
+    stdout = (server.state_dir / "jobs" / job_id / "stdout.log").read_text()
+    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("secret "))
+
+
 def event_kinds(client: CallerClient, job_id: str) -> list[str]:
     return [event["kind"] for event in client.events(job_id)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import event_kinds, wait_for_checkpoints, wait_for_state, wait_until
+from conftest import event_kinds, printed_secret, wait_for_checkpoints, wait_for_state, wait_until
 from checker.runtimes.gvisor import find_runsc
 
 pytestmark = pytest.mark.skipif(find_runsc() is None, reason="runsc is not installed; run scripts/install-runsc.sh")
@@ -80,11 +80,6 @@ def spawn_gvisor(client, script: Path) -> dict:
         script.stem, [sys.executable, str(script)], runtime={"type": "gvisor", "mounts": [str(script.parent)]}
     )
     return client.spawn(definition["name"], version=definition["version"])
-
-
-def printed_secret(server, job_id: str) -> str:
-    stdout = (server.state_dir / "jobs" / job_id / "stdout.log").read_text()
-    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("secret "))
 
 
 def test_gvisor_sigkill_restores_memory(client, server, job_script) -> None:
@@ -180,5 +175,6 @@ def test_gvisor_fork_runs_beside_original(client, server, job_script) -> None:
     assert fork_result["output"]["secret"] == original_result["output"]["secret"] == printed_secret(server, original["id"])
     assert fork_result["output"]["restored"] is True
     assert original_result["output"]["restored"] is False
-    assert fork_result["output"]["second"] == 2 and original_result["output"]["second"] == 2
+    assert fork_result["output"]["second"] == 2
+    assert original_result["output"]["second"] == 2
     assert fork["id"] != original["id"]
