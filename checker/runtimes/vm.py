@@ -301,18 +301,20 @@ class VmRuntime(Runtime):
         unknown = sorted(set(config) - CONFIG_KEYS)
         if unknown:
             raise ValueError(f"runtime key {unknown[0]!r} is not known to the vm runtime; use {', '.join(sorted(CONFIG_KEYS))}")
+
         command = config.get("command")
         if not isinstance(command, list) or not command or not all(isinstance(part, str) and part for part in command):
             raise ValueError('runtime.command must be a non-empty list of non-empty strings, e.g. ["python3", "/srv/job.py"]')
+
         memory = config.get("memory_mib", DEFAULT_MEMORY_MIB)
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < MIN_MEMORY_MIB:
             raise ValueError(f"runtime.memory_mib {memory!r} is invalid: give the guest's RAM as a whole number of MiB, at least {MIN_MEMORY_MIB}")
-        available = physical_memory_mib()
-        if available is not None and memory > available:
-            raise ValueError(f"runtime.memory_mib {memory} is more than this machine's {available} MiB of RAM; give a smaller guest")
+        reject_memory_above_host("runtime.memory_mib", memory)
+
         vcpus = config.get("vcpus", 1)
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= 64:
             raise ValueError(f"runtime.vcpus {vcpus!r} is invalid: give a whole number from 1 to 64")
+
         requested = config.get("accelerator", "auto")
         if requested not in ACCELERATORS:
             raise ValueError(f"runtime.accelerator {requested!r} is not supported; use one of {', '.join(ACCELERATORS)}")
@@ -320,11 +322,14 @@ class VmRuntime(Runtime):
             chosen, reason = accelerator("auto")
             if chosen != "kvm":
                 raise ValueError(f"runtime.accelerator 'kvm' cannot work on this machine: {reason.split(': ', 1)[-1]}; use 'auto' or 'tcg'")
+
         for name in ("kernel", "initramfs"):
             path = config.get(name)
             if path is not None and (not isinstance(path, str) or not os.path.isabs(path) or not os.path.isfile(path)):
                 raise ValueError(f"runtime.{name} {path!r} is not an existing file; give an absolute path or leave it out to use {self.image_dir}")
+
         self._files_of(config)
+
         env = config.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(key, str) and isinstance(value, str) for key, value in env.items()):
             raise ValueError("runtime.env must map names to string values")
@@ -336,9 +341,8 @@ class VmRuntime(Runtime):
             raise ValueError(f"cpu_cores {limits.cpu_cores} cannot be a vm job's vCPU count; give a whole number of at least 1")
         if limits.memory_mib is not None and limits.memory_mib < MIN_MEMORY_MIB:
             raise ValueError(f"memory_mib {limits.memory_mib} is below the vm runtime's minimum guest RAM of {MIN_MEMORY_MIB} MiB")
-        available = physical_memory_mib()
-        if limits.memory_mib is not None and available is not None and limits.memory_mib > available:
-            raise ValueError(f"memory_mib {limits.memory_mib} is more than this machine's {available} MiB of RAM; give a smaller guest")
+        if limits.memory_mib is not None:
+            reject_memory_above_host("memory_mib", limits.memory_mib)
 
     def _files_of(self, config: dict) -> list[Path]:
         """Return the definition's `files`, checked: absolute host paths that exist, at most MAX_FILES_BYTES in all."""
@@ -756,6 +760,13 @@ def physical_memory_mib() -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
     except (OSError, ValueError):
         return None
+
+
+def reject_memory_above_host(label: str, memory_mib: int) -> None:
+    """Raise ValueError when a guest of `memory_mib` MiB would not fit in this machine's RAM."""
+    available = physical_memory_mib()
+    if available is not None and memory_mib > available:
+        raise ValueError(f"{label} {memory_mib} is more than this machine's {available} MiB of RAM; give a smaller guest")
 
 
 def open_api_connections(table: str) -> list[str]:

@@ -216,7 +216,7 @@ def unpack_files(control, size):
 
 
 def apply_host_state(request):
-    """Apply the time, identity and entropy a `launch` or `restored` request carries."""
+    """Apply the time, identity and entropy that a `launch` or `thaw` request contains."""
     set_clock(int(request["time_ns"]))
     if request.get("identity"):
         write_identity(request["identity"])

@@ -3,9 +3,9 @@
 QEMU's user network starts `python -I -S vmrelay.py SOCKET` for each
 connection the guest opens to the API address, with the connection on
 standard input and output. This relays bytes both ways until either side
-closes. When the server does not listen on SOCKET (it is checkpointing the
-job) the relay exits at once, the guest sees its connection closed, and the
-SDK retries.
+closes. When the server does not listen on SOCKET, because it is
+checkpointing the job, the relay exits at once. The guest's connection then
+closes, and the SDK retries.
 """
 
 import os
@@ -28,7 +28,7 @@ def relay(server):
                 if target == server.fileno():
                     server.shutdown(socket.SHUT_WR)
                 else:
-                    return  # The server answered and closed: the request is done.
+                    return  # The server sent its response and closed, so the request is done.
                 continue
             while data:
                 data = data[os.write(target, data) :]

@@ -139,10 +139,10 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class KeepaliveHTTPConnection(http.client.HTTPConnection):
     """HTTP connection over TCP that notices within seconds when its peer has forgotten it.
 
-    A call may wait minutes for its answer (a checkpoint), so a read timeout
-    cannot tell a slow answer from a lost connection. Keepalive probes can: a
-    peer that no longer knows the connection, such as the user network of a
-    restored VM, answers them with a reset, and the call is retried.
+    A call may wait minutes for its response (a checkpoint), so a read timeout
+    cannot tell a slow response from a lost connection. Keepalive probes can:
+    a peer that has forgotten the connection, such as the user network of a
+    restored VM, replies to them with a reset, and the call is retried.
     """
 
     def connect(self) -> None:
